@@ -1,0 +1,402 @@
+"""The Llama decoder: config, RoPE, attention, KV cache and the safetensors loader.
+
+Every forward takes explicit positions (ParallelComp restarts them in each chunk) and an
+`attend(layer, q, k, v)` function that decides where keys and values go and what each query
+sees: a static KV cache for plain prefill and decoding, chunk caches and the query pass in
+parallelcomp.py. Keys reach `attend` already rotated, so a cached key keeps its position.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+try:
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+# On H100/H200 with torch 2.11, cuDNN attention ran causal prefill about 2x faster than
+# PyTorch's flash backend; SDPA skips backends that cannot take the inputs.
+PREFILL_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that cannot be loaded; the message names the file or tensor."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int  # the trained window
+    tie_word_embeddings: bool
+    attention_bias: bool
+
+    @classmethod
+    def from_json(cls, path):
+        path = Path(path)
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} not found: a checkpoint directory needs config.json")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} is not valid JSON ({e})")
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{path} is not a JSON object")
+        arch = (hf.get("architectures") or ["<none>"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(f"{path}: architecture {arch} is not supported "
+                                  f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        if hf.get("use_sliding_window"):
+            raise CheckpointError(f"{path}: sliding-window attention is not supported")
+        try:
+            n_heads = int(hf["num_attention_heads"])
+            config = cls(
+                vocab_size=int(hf["vocab_size"]),
+                dim=int(hf["hidden_size"]),
+                n_layers=int(hf["num_hidden_layers"]),
+                n_heads=n_heads,
+                n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+                head_dim=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
+                ffn_dim=int(hf["intermediate_size"]),
+                norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(hf.get("rope_theta", 10000.0)),
+                rope_scaling=hf.get("rope_scaling"),
+                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            )
+        except KeyError as e:
+            raise CheckpointError(f"{path}: missing key {e.args[0]}")
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: bad value ({e})")
+        config.validate(path)
+        return config
+
+    def validate(self, path):
+        sizes = (self.vocab_size, self.dim, self.n_layers, self.n_heads, self.n_kv_heads,
+                 self.head_dim, self.ffn_dim, self.max_position_embeddings)
+        if min(sizes) <= 0 or self.n_heads % self.n_kv_heads or self.head_dim % 2:
+            raise CheckpointError(f"{path}: inconsistent sizes (heads {self.n_heads}, "
+                                  f"KV heads {self.n_kv_heads}, head_dim {self.head_dim})")
+        if self.rope_type not in ROPE_TYPES:
+            raise CheckpointError(f"{path}: rope_scaling type {self.rope_type!r} is not "
+                                  f"supported (supported: {', '.join(ROPE_TYPES)})")
+
+    @property
+    def rope_type(self):
+        s = self.rope_scaling or {}
+        return s.get("rope_type", s.get("type", "default"))
+
+
+# ---------------------------------------------------------------------------- RoPE
+
+def rope_frequencies(config):
+    """Inverse frequencies (head_dim/2,) in float32, with linear or Llama-3.1 scaling applied."""
+    d = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    s = config.rope_scaling or {}
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif config.rope_type == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_window = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        blend = ((old_window / wavelen - low) / (high - low)).clamp(0, 1)
+        inv_freq = (1 - blend) * inv_freq / factor + blend * inv_freq
+    return inv_freq.float()
+
+
+def dynamic_ntk_frequencies(config, inv_freq, positions):
+    """Dynamic NTK scaling: the base grows with the longest position in this forward, as in
+    Hugging Face, computed on the device so that a captured decode step stays valid."""
+    d, window, factor = config.head_dim, config.max_position_embeddings, config.rope_scaling["factor"]
+    seq_len = (positions.max() + 1).clamp(min=window).float()
+    base = config.rope_theta * (factor * seq_len / window - (factor - 1)) ** (d / (d - 2))
+    exponents = torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d
+    return base ** -exponents
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the half-split pairs (i, i + D/2) of x (B, H, T, D) by angles given as cos/sin (B, 1, T, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- attention
+
+def attention(q, k, v, mask=None):
+    """Softmax attention with GQA. q (B, H, Tq, D); k, v (B, H_kv, Tk, D) -> (B, H, Tq, D).
+
+    mask: bool (B|1, H|1, Tq, Tk), True = may attend; None = causal aligned to the bottom
+    right (query i is the key at Tk - Tq + i), which is what prefill after a cache needs.
+    """
+    if mask is None and flash_attn_func is not None and q.is_cuda:
+        o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return o.transpose(1, 2)
+    if mask is None and q.shape[2] == k.shape[2]:
+        with sdpa_kernel(PREFILL_BACKENDS, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if mask is None:
+        mask = causal_lower_right(q.shape[2], k.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def scores_f32(q, k):
+    """q (B, H_kv, G, D) @ k (B, H_kv, S, D)ᵀ -> (B, H_kv, G, S) in float32, scaled by 1/sqrt(D)."""
+    B, Hkv, G, D = q.shape
+    if q.is_cuda and q.dtype != torch.float32:  # fp32 accumulate and output, no upcast copy of K
+        s = torch.bmm(q.reshape(B * Hkv, G, D), k.reshape(B * Hkv, -1, D).transpose(1, 2),
+                      out_dtype=torch.float32).view(B, Hkv, G, -1)
+    else:
+        s = (q @ k.transpose(-1, -2)).float()
+    return s * D ** -0.5
+
+
+def decode_attention(q, k, v, length):
+    """One query token per sequence against a static cache, with no host sync (graph-safe).
+
+    q (B, H, 1, D); k, v (B, H_kv, S_max, D) of which the first `length` (0-dim tensor) are live.
+    The plain matmul form reads the cache once at near copy bandwidth; SDPA with a mask does not.
+    """
+    B, H, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    s = scores_f32(q.view(B, Hkv, H // Hkv, D), k)  # a KV head's query group as rows
+    s = s.masked_fill(torch.arange(S, device=q.device) >= length, float("-inf"))
+    return (s.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)
+
+
+class KVCache:
+    """Per-generation static cache, GQA-native: k, v (L, B, H_kv, capacity, D).
+
+    lens (L,) counts the live entries of each layer on the device; they differ between layers
+    only after ParallelComp's attention calibration.
+    """
+
+    def __init__(self, config, batch, capacity, device, dtype):
+        shape = (config.n_layers, batch, config.n_kv_heads, capacity, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lens = torch.zeros(config.n_layers, device=device, dtype=torch.long)
+        self.capacity = capacity
+
+    def prefill_attend(self, start):
+        """An `attend` for tokens that follow `start` cached ones: write them, attend causally."""
+        def attend(layer, q, k, v):
+            end = start + k.shape[2]
+            self.k[layer, :, :, start:end] = k
+            self.v[layer, :, :, start:end] = v
+            self.lens[layer] = end
+            return attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end])
+        return attend
+
+    def decode_attend(self, layer, q, k, v):
+        """An `attend` for one new token per sequence, written at lens[layer] (graph-safe)."""
+        at = self.lens[layer:layer + 1]
+        self.k[layer].index_copy_(2, at, k)
+        self.v[layer].index_copy_(2, at, v)
+        self.lens[layer] += 1
+        return decode_attention(q, self.k[layer], self.v[layer], self.lens[layer])
+
+
+# ---------------------------------------------------------------------------- the model
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        q_size, kv_size = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        self.split = [q_size, kv_size, kv_size]
+        self.wqkv = nn.Linear(config.dim, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.wo = nn.Linear(q_size, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, attend):
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        o = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.w_gate_up = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
+        self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, attend):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attend)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+
+    def forward(self, tokens, positions, attend):
+        """tokens, positions (B, T) -> final-norm hidden states (B, T, dim).
+
+        attend(layer, q, k, v) -> (B, H, T, D) receives rotated q (B, H, T, D) and k, v (B, H_kv, T, D).
+        """
+        inv_freq = self.inv_freq
+        if self.config.rope_type == "dynamic":
+            inv_freq = dynamic_ntk_frequencies(self.config, inv_freq, positions)
+        angles = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, D/2)
+        cos, sin = angles.cos(), angles.sin()
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v))
+        return self.norm(x)
+
+    def logits(self, hidden):
+        """(..., dim) -> float32 (..., vocab): call it only where a token is sampled or scored."""
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+
+# ---------------------------------------------------------------------------- loading
+
+def checkpoint_tensors(config):
+    """Hugging Face tensor name -> (parameter name, row slice into a fused parameter, shape)."""
+    H, Hkv, D, dim, ffn = config.n_heads, config.n_kv_heads, config.head_dim, config.dim, config.ffn_dim
+    q, kv = H * D, Hkv * D
+    names = {"model.embed_tokens.weight": ("embed.weight", None, (config.vocab_size, dim)),
+             "model.norm.weight": ("norm.weight", None, (dim,))}
+    if not config.tie_word_embeddings:
+        names["lm_head.weight"] = ("lm_head.weight", None, (config.vocab_size, dim))
+    for i in range(config.n_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        names[hf + "input_layernorm.weight"] = (ours + "attn_norm.weight", None, (dim,))
+        names[hf + "post_attention_layernorm.weight"] = (ours + "mlp_norm.weight", None, (dim,))
+        for proj, rows in (("q", slice(0, q)), ("k", slice(q, q + kv)), ("v", slice(q + kv, q + 2 * kv))):
+            size = rows.stop - rows.start
+            names[f"{hf}self_attn.{proj}_proj.weight"] = (ours + "attn.wqkv.weight", rows, (size, dim))
+            if config.attention_bias:
+                names[f"{hf}self_attn.{proj}_proj.bias"] = (ours + "attn.wqkv.bias", rows, (size,))
+        names[hf + "self_attn.o_proj.weight"] = (ours + "attn.wo.weight", None, (dim, q))
+        names[hf + "mlp.gate_proj.weight"] = (ours + "mlp.w_gate_up.weight", slice(0, ffn), (ffn, dim))
+        names[hf + "mlp.up_proj.weight"] = (ours + "mlp.w_gate_up.weight", slice(ffn, 2 * ffn), (ffn, dim))
+        names[hf + "mlp.down_proj.weight"] = (ours + "mlp.w_down.weight", None, (dim, ffn))
+    return names
+
+
+def ignored_tensor(name, config):
+    """Tensors some checkpoints carry that the model does not use."""
+    return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+
+
+def safetensors_files(path):
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid index ({e})")
+        return sorted({path / f for f in weight_map.values()})
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    raise CheckpointError(f"{path}: no model.safetensors (or sharded model-*.safetensors "
+                          f"with model.safetensors.index.json)")
+
+
+def load_weights(model, files):
+    """Copy each checkpoint tensor into its (possibly fused) parameter, one tensor at a time."""
+    expected = checkpoint_tensors(model.config)
+    params = dict(model.named_parameters())
+    device = next(model.parameters()).device
+    loaded = set()
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    if ignored_tensor(name, model.config):
+                        continue
+                    if name not in expected:
+                        raise CheckpointError(f"{file.name}: unexpected tensor {name}")
+                    param_name, rows, shape = expected[name]
+                    tensor = f.get_tensor(name)
+                    if tuple(tensor.shape) != shape:
+                        raise CheckpointError(f"{file.name}: tensor {name} has shape "
+                                              f"{tuple(tensor.shape)}, expected {shape}")
+                    if not tensor.is_floating_point():
+                        raise CheckpointError(f"{file.name}: tensor {name} has dtype "
+                                              f"{tensor.dtype}, expected a floating-point type")
+                    target = params[param_name].data
+                    (target if rows is None else target[rows]).copy_(tensor)
+                    loaded.add(name)
+        except FileNotFoundError:
+            raise CheckpointError(f"{file} not found")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})")
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{files[0].parent}: missing tensors {', '.join(missing[:3])}{more}")
+
+
+def load_model(path, device, dtype):
+    """A Hugging Face Llama checkpoint directory -> Llama in eval mode on `device` in `dtype`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory")
+    config = ModelConfig.from_json(path / "config.json")
+    files = safetensors_files(path)
+    with torch.device("meta"):
+        model = Llama(config).to(dtype)
+    model = model.to_empty(device=device)
+    model.inv_freq = rope_frequencies(config).to(device)
+    load_weights(model, files)
+    return model.eval().requires_grad_(False)

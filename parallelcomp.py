@@ -1,0 +1,309 @@
+"""ParallelComp: training-free length extrapolation (Xiong et al., ICML 2025, arXiv 2502.14317).
+
+A context longer than the trained window is cut into chunks that fit it. Each chunk is encoded
+with the question appended, at positions that restart from 0, several chunks per forward. The
+self-information of the question given a chunk (its mean NLL) ranks the chunks; only the k most
+relevant survive (chunk eviction), so at most k + one batch of chunk caches are ever alive.
+Inside each chunk, tokens that the question barely attends to can be dropped as well (parallel
+KV-cache eviction). The kept caches are concatenated in document order, and the question is
+encoded once more after the longest kept chunk, attending to all of them with one softmax;
+attention calibration can evict, in chosen layers, the cache tokens that draw abnormal attention
+(attention sinks). Decoding then continues from the assembled cache.
+
+Deviations from the original code (menik1126/ParallelComp), all deliberate:
+- chunks are cut on token boundaries of the once-tokenised context, not on characters;
+- caches are GQA-native; KV eviction and calibration select per KV head (the group's mean
+  score, the union of the group's above-threshold tokens);
+- with KV eviction BOS is never a candidate but always kept, so BOS handling at assembly is the
+  same with and without eviction (only the first kept chunk keeps it);
+- calibration regions partition the cache axis (sink t < w, middle w <= t < N - w, recent
+  t >= N - w), and the question rows keep an exact causal mask after eviction.
+"""
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model import KVCache, attention, scores_f32
+
+OBSERVATION_WINDOW = 8  # last question tokens whose attention scores a chunk's tokens (KV eviction)
+POOL_KERNEL = 7  # KV eviction max-pools scores over neighbours so kept tokens come in runs
+MAX_BATCH_TOKENS = 32768  # beyond this one forward fills a GPU; the cap keeps memory independent of the prompt length
+REGIONS = ("sink", "recent", "middle", "all")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Evict, in layers first..last of the query pass, the tokens of `region` whose attention
+    from the last question token exceeds `threshold`."""
+    region: str
+    first_layer: int
+    last_layer: int
+    threshold: float = 0.1
+    width: int = 100  # tokens in the sink and recent regions
+
+    @classmethod
+    def parse(cls, spec):
+        """'sink:3-6' -> Calibration('sink', 3, 6)."""
+        m = re.fullmatch(r"(\w+):(\d+)-(\d+)", spec)
+        if not m or m[1] not in REGIONS or int(m[2]) > int(m[3]):
+            raise ValueError(f"--calibrate {spec!r}: expected REGION:FIRST-LAST with REGION one of "
+                             f"{', '.join(REGIONS)} and FIRST <= LAST, e.g. sink:3-6")
+        return cls(m[1], int(m[2]), int(m[3]))
+
+
+@dataclass(frozen=True)
+class ParallelCompConfig:
+    chunk_tokens: int | None = None  # context tokens per chunk; None: what the window leaves
+    top_k_chunks: int = 3
+    kv_budget: int | None = None  # context tokens kept per KV head in each chunk; None: no KV eviction
+    calibration: Calibration | None = None
+
+
+@dataclass
+class ChunkCache:
+    """One encoded chunk: its context's K/V (L, H_kv, n, D) without the question part."""
+    index: int  # position of the chunk in the document
+    span: range  # its tokens in the context
+    context_len: int  # BOS + head + chunk, before KV eviction
+    has_bos: bool
+    k: torch.Tensor
+    v: torch.Tensor
+    nll: float = math.nan
+
+
+@dataclass
+class Result:
+    cache: KVCache  # assembled chunks + question, room for the answer
+    logits: torch.Tensor  # (vocab,) float32 at the last question token
+    next_position: int  # where the first generated token goes: M + question length
+    chunks: int
+    kept: list  # ChunkCache of the kept chunks, document order, K/V released
+    evicted_tokens: int  # by KV eviction and calibration, per KV head
+
+
+# ---------------------------------------------------------------------------- chunking
+
+def chunk_spans(n_tokens, chunk_tokens):
+    """n = ceil(T / chunk_tokens) nearly equal, contiguous spans covering range(T)."""
+    n = max(1, math.ceil(n_tokens / chunk_tokens))
+    bounds = [i * n_tokens // n for i in range(n + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def default_chunk_tokens(window, head_len, question_len, answer_budget):
+    """Chunk size such that head + chunk + question + answer stay inside the trained window."""
+    budget = window - head_len - question_len - answer_budget
+    if budget < 1:
+        raise ValueError(f"the question ({question_len} tokens) and the answer budget "
+                         f"({answer_budget} tokens) leave no room for context in the model's "
+                         f"{window}-token window")
+    return budget
+
+
+def chunk_batch_size(model, chunk_len, n_chunks, device):
+    """Chunks per forward: what half the free memory holds, at most MAX_BATCH_TOKENS tokens."""
+    c, b = model.config, model.embed.weight.element_size()
+    qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    # per token: kept K/V of all layers, plus one layer's activations (RoPE in float32)
+    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * b + b * (6 * c.dim + 3 * qkv + 4 * c.ffn_dim) + 8 * qkv
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    fits = int(0.5 * free // (per_token * chunk_len))
+    return max(1, min(n_chunks, fits, MAX_BATCH_TOKENS // chunk_len))
+
+
+# ---------------------------------------------------------------------------- encoding chunks
+
+def kv_eviction(q_obs, k, candidates, budget):
+    """Indices of the `budget` candidate keys the observation queries attend to most, per KV head.
+
+    q_obs (H, W, D): the last W question queries; k (H_kv, L, D): the chunk's keys, the
+    observation queries being the last W of them; candidates: a range of key indices.
+    Returns (H_kv, budget) sorted indices.
+    """
+    H, W, D = q_obs.shape
+    Hkv, L = k.shape[0], k.shape[1]
+    s = scores_f32(q_obs.reshape(1, Hkv, (H // Hkv) * W, D), k[None])[0]  # (H_kv, G*W, L)
+    causal = torch.arange(L, device=k.device) <= (L - W + torch.arange(W, device=k.device))[:, None]
+    s = s.view(Hkv, H // Hkv, W, L).masked_fill(~causal, float("-inf"))
+    score = s.softmax(-1).sum(2).mean(1)[:, candidates.start:candidates.stop]  # (H_kv, n)
+    pooled = F.max_pool1d(score[:, None], POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)[:, 0]
+    return pooled.topk(budget, dim=-1).indices.sort(-1).values + candidates.start
+
+
+
+
+class ChunkEncoder:
+    """The `attend` of a batch of chunks: causal attention inside each chunk; each chunk's
+    context K/V, thinned by KV eviction when a budget is set, go to its ChunkCache."""
+
+    def __init__(self, chunks, input_lens, kv_budget):
+        self.chunks, self.input_lens, self.kv_budget = chunks, input_lens, kv_budget
+
+    def __call__(self, layer, q, k, v):
+        for b, chunk in enumerate(self.chunks):
+            keys, values = k[b, :, :chunk.context_len], v[b, :, :chunk.context_len]
+            if chunk.k.shape[2] < chunk.context_len:
+                end = self.input_lens[b]
+                keep = kv_eviction(q[b, :, end - OBSERVATION_WINDOW:end], k[b, :, :end],
+                                   range(int(chunk.has_bos), chunk.context_len), self.kv_budget)
+                if chunk.has_bos:
+                    keep = torch.cat([keep.new_zeros(keep.shape[0], 1), keep], dim=1)
+                index = keep[..., None].expand(-1, -1, k.shape[-1])
+                keys, values = keys.gather(1, index), values.gather(1, index)
+            chunk.k[layer], chunk.v[layer] = keys, values
+        return attention(q, k, v)
+
+
+def query_nll(logits, targets):
+    """Self-information of the question given a chunk: the summed NLL of its tokens divided by
+    (length - 1), as the original does (the first prediction is the question's BOS)."""
+    return F.cross_entropy(logits, targets, reduction="sum").item() / max(len(targets) - 1, 1)
+
+
+def encode_chunks(model, head, context, question, spans, first_index, has_bos, kv_budget):
+    """One forward over a batch of chunks, each [head + chunk + question] at positions 0..L-1.
+
+    Returns their ChunkCaches, K/V and question NLL filled in.
+    """
+    c, weight = model.config, model.embed.weight
+    inputs = [head + context[s.start:s.stop] + question for s in spans]
+    lens = [len(x) for x in inputs]
+    tokens = torch.zeros(len(inputs), max(lens), dtype=torch.long)
+    for b, x in enumerate(inputs):  # right padding: causal attention keeps the real tokens exact
+        tokens[b, :len(x)] = torch.tensor(x)
+    tokens = tokens.to(weight.device)
+    positions = torch.arange(tokens.shape[1], device=weight.device).expand_as(tokens)
+    chunks = []
+    for i, span in enumerate(spans):
+        context_len = len(head) + len(span)
+        n = context_len if kv_budget is None else min(context_len, kv_budget + has_bos)
+        shape = (c.n_layers, c.n_kv_heads, n, c.head_dim)
+        chunks.append(ChunkCache(first_index + i, span, context_len, has_bos,
+                                 weight.new_empty(shape), weight.new_empty(shape)))
+    hidden = model(tokens, positions, ChunkEncoder(chunks, lens, kv_budget))
+    targets = torch.tensor(question, device=weight.device)
+    for b, chunk in enumerate(chunks):
+        predicting = hidden[b, chunk.context_len - 1:lens[b] - 1]  # (Lq, dim): the rows that predict the question
+        chunk.nll = query_nll(model.logits(predicting), targets)
+    return chunks
+
+
+def chunk_eviction(chunks, k):
+    """The k chunks with the lowest question NLL; on a tie the later chunk stays, as in the original."""
+    return sorted(chunks, key=lambda c: (c.nll, -c.index))[:k]
+
+
+# ---------------------------------------------------------------------------- the query pass
+
+def assemble_cache(config, kept, room):
+    """The kept chunks' context K/V, concatenated in document order into one decode cache with
+    `room` free slots; only the first chunk keeps its BOS. Returns the cache and S, its length."""
+    pieces = [(c.k, c.v) if i == 0 or not c.has_bos else (c.k[:, :, 1:], c.v[:, :, 1:])
+              for i, c in enumerate(kept)]
+    S = sum(k.shape[2] for k, _ in pieces)
+    cache = KVCache(config, 1, S + room, kept[0].k.device, kept[0].k.dtype)
+    offset = 0
+    for k, v in pieces:
+        cache.k[:, 0, :, offset:offset + k.shape[2]] = k
+        cache.v[:, 0, :, offset:offset + k.shape[2]] = v
+        offset += k.shape[2]
+    cache.lens.fill_(S)
+    return cache, S
+
+
+def calibrate(q_last, keys, calibration):
+    """Attention calibration for one layer: the keys each KV head keeps, and how many it evicts.
+
+    q_last (H, D): the last question token's queries; keys (H_kv, N, D). Every head evicts the
+    same number m: its above-threshold tokens in the region (the union over its query group),
+    topped up with its least-attended tokens. Returns ((H_kv, N - m) sorted indices, m).
+    """
+    H, D = q_last.shape
+    Hkv, N = keys.shape[:2]
+    probs = scores_f32(q_last.reshape(1, Hkv, H // Hkv, D), keys[None])[0].softmax(-1)  # (H_kv, G, N)
+    t, w = torch.arange(N, device=keys.device), calibration.width
+    region = {"sink": t < w, "recent": t >= N - w, "middle": (t >= w) & (t < N - w),
+              "all": torch.ones_like(t, dtype=torch.bool)}[calibration.region]
+    above = (probs > calibration.threshold).any(dim=1) & region  # (H_kv, N)
+    m = int(above.sum(-1).max())
+    order = torch.where(above, float("inf"), -probs.mean(1)).argsort(-1, descending=True)
+    return order[:, m:].sort(-1).values, m
+
+
+class QueryPass:
+    """The `attend` of the question after the assembled cache: one softmax over every kept chunk
+    and the question so far; in the calibrated layers the cache is thinned first, for this pass
+    and for decoding."""
+
+    def __init__(self, cache, S, calibration):
+        self.cache, self.S, self.calibration = cache, S, calibration
+        self.evicted = 0
+
+    def __call__(self, layer, q, k, v):
+        cache, S, cal = self.cache, self.S, self.calibration
+        end = S + k.shape[2]
+        cache.k[layer, :, :, S:end], cache.v[layer, :, :, S:end] = k, v
+        keys, values = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        if cal is None or not cal.first_layer <= layer <= cal.last_layer:
+            cache.lens[layer] = end
+            return attention(q, keys, values)  # question row i sees keys 0..S+i
+        keep, m = calibrate(q[0, :, -1], keys[0], cal)
+        index = keep[None, :, :, None].expand(1, -1, -1, keys.shape[-1])
+        keys, values = keys.gather(2, index), values.gather(2, index)
+        cache.k[layer, :, :, :end - m], cache.v[layer, :, :, :end - m] = keys, values
+        cache.lens[layer] = end - m
+        self.evicted += m
+        rows = S + torch.arange(k.shape[2], device=q.device)
+        visible = (keep[:, None, :] <= rows[:, None])  # (H_kv, Lq, N - m): the causal rule on original indices
+        return attention(q, keys, values, visible.repeat_interleave(q.shape[1] // keep.shape[0], 0)[None])
+
+
+# ---------------------------------------------------------------------------- the whole prefill
+
+def prefill(model, head, context, question, config, answer_budget, bos_id, on_progress=None):
+    """ParallelComp prefill of [head + context + question]; returns a Result ready for decoding.
+
+    head: BOS, template and instruction tokens that precede every chunk; question: the question
+    block (at least one token); answer_budget: tokens the decode cache must leave room for.
+    on_progress(chunks_done, chunks_total) is called after each batch.
+    """
+    if not question:
+        raise ValueError("ParallelComp needs a question to rank the chunks")
+    window = model.config.max_position_embeddings
+    chunk_tokens = config.chunk_tokens or default_chunk_tokens(window, len(head), len(question), answer_budget)
+    spans = chunk_spans(len(context), chunk_tokens)
+    has_bos = bool(head) and head[0] == bos_id
+    device = model.embed.weight.device
+    batch = chunk_batch_size(model, len(head) + len(spans[0]) + len(question), len(spans), device)
+    kept, done = [], 0
+    while done < len(spans):
+        try:
+            kept = chunk_eviction(kept + encode_chunks(model, head, context, question, spans[done:done + batch],
+                                                       done, has_bos, config.kv_budget), config.top_k_chunks)
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch //= 2
+            continue
+        done = min(done + batch, len(spans))
+        if on_progress:
+            on_progress(done, len(spans))
+    kept.sort(key=lambda c: c.index)
+    cache, S = assemble_cache(model.config, kept, len(question) + answer_budget)
+    kv_evicted = sum(c.context_len - c.k.shape[2] for c in kept)
+    for c in kept:
+        c.k = c.v = None
+    M = max(c.context_len for c in kept)
+    query = QueryPass(cache, S, config.calibration)
+    positions = torch.arange(M, M + len(question), device=device)[None]
+    hidden = model(torch.tensor([question], device=device), positions, query)
+    return Result(cache, model.logits(hidden[0, -1]), M + len(question), len(spans), kept,
+                  kv_evicted + query.evicted)
