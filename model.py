@@ -49,7 +49,8 @@ class ModelConfig:
     rope_scaling: dict | None
     max_position_embeddings: int  # the trained window
     tie_word_embeddings: bool
-    attention_bias: bool
+    attention_bias: bool  # q/k/v biases
+    output_bias: bool  # o_proj bias: Llama's attention_bias has one, Qwen2 has none
 
     @classmethod
     def from_json(cls, path):
@@ -84,6 +85,7 @@ class ModelConfig:
                 max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
+                output_bias=arch == "LlamaForCausalLM" and bool(hf.get("attention_bias", False)),
             )
         except KeyError as e:
             raise CheckpointError(f"{path}: missing key {e.args[0]}")
@@ -240,7 +242,7 @@ class Attention(nn.Module):
         q_size, kv_size = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
         self.split = [q_size, kv_size, kv_size]
         self.wqkv = nn.Linear(config.dim, q_size + 2 * kv_size, bias=config.attention_bias)
-        self.wo = nn.Linear(q_size, config.dim, bias=False)
+        self.wo = nn.Linear(q_size, config.dim, bias=config.output_bias)
 
     def forward(self, x, cos, sin, attend):
         B, T, _ = x.shape
@@ -327,6 +329,8 @@ def checkpoint_tensors(config):
             if config.attention_bias:
                 names[f"{hf}self_attn.{proj}_proj.bias"] = (ours + "attn.wqkv.bias", rows, (size,))
         names[hf + "self_attn.o_proj.weight"] = (ours + "attn.wo.weight", None, (dim, q))
+        if config.output_bias:
+            names[hf + "self_attn.o_proj.bias"] = (ours + "attn.wo.bias", None, (dim,))
         names[hf + "mlp.gate_proj.weight"] = (ours + "mlp.w_gate_up.weight", slice(0, ffn), (ffn, dim))
         names[hf + "mlp.up_proj.weight"] = (ours + "mlp.w_gate_up.weight", slice(ffn, 2 * ffn), (ffn, dim))
         names[hf + "mlp.down_proj.weight"] = (ours + "mlp.w_down.weight", None, (dim, ffn))
