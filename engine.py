@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 import parallelcomp
-from model import CheckpointError, KVCache, load_model
+from model import CheckpointError, KVCache, apply_rope, load_model
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from weights.smollm2 import WeightsError, ensure_default_model
 
-METHODS = ("auto", "parallelcomp", "full", "truncate")
+METHODS = ("auto", "parallelcomp", "full", "truncate", "streaming")
+SINK_TOKENS = 4  # StreamingLLM's attention sinks
 PREFILL_PIECE = {"cuda": 8192, "cpu": 2048}  # tokens per plain-prefill forward
 GRAPH_BLOCK = 16  # decode steps replayed between host syncs (streaming granularity on a GPU)
 QUESTION_CAP = 256  # tokens of the last paragraph that stand in for a missing --question
@@ -105,18 +106,23 @@ class Decoder:
         self.n += 1
 
     def capture(self):
-        state = [t.clone() for t in (self.tok, self.pos, self.out, self.n, self.cache.lens)]
+        """Record one step as a CUDA graph; the warm-up it needs first leaves no trace."""
+        buffers = (self.tok, self.pos, self.out, self.n, self.cache.lens)
+        saved = [t.clone() for t in buffers]
+        generator = self.sampler.generator
+        rng = generator.get_state() if generator is not None else None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: cuBLAS handles, allocator; its cache writes are overwritten later
+        with torch.cuda.stream(stream):  # cuBLAS handles, allocator; the K/V it writes are overwritten later
             for _ in range(2):
                 self.step()
         torch.cuda.current_stream().wait_stream(stream)
-        for t, saved in zip((self.tok, self.pos, self.out, self.n, self.cache.lens), state):
-            t.copy_(saved)
+        for t, value in zip(buffers, saved):
+            t.copy_(value)
         graph = torch.cuda.CUDAGraph()
-        if self.sampler.generator is not None:
-            graph.register_generator_state(self.sampler.generator)
+        if generator is not None:
+            generator.set_state(rng)
+            graph.register_generator_state(generator)
         with torch.cuda.graph(graph):
             self.step()
         return graph
@@ -135,6 +141,52 @@ class Sampler:
 
     def __call__(self, logits):
         return sample(logits, self.temperature, self.top_k, self.top_p, self.generator)
+
+
+# ---------------------------------------------------------------------------- prefill
+
+def prefill_plain(model, ids, max_new_tokens):
+    """Causal prefill at positions 0..T-1, in pieces; returns (cache, last logits, next position)."""
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    cache = KVCache(model.config, 1, len(ids) + max_new_tokens, device, dtype)
+    tokens = torch.tensor([ids], device=device)
+    piece = PREFILL_PIECE.get(device.type, PREFILL_PIECE["cuda"])
+    for start in range(0, len(ids), piece):
+        end = min(start + piece, len(ids))
+        positions = torch.arange(start, end, device=device)[None]
+        hidden = model(tokens[:, start:end], positions, cache.prefill_attend(start))
+    return cache, model.logits(hidden[0, -1]), len(ids)
+
+
+def truncate(ids, room):
+    """The first and last halves of `room` tokens, as LongBench truncates its prompts."""
+    if len(ids) <= room:
+        return ids
+    return ids[:room // 2] + ids[len(ids) - (room - room // 2):]
+
+
+def prefill_streaming(model, ids, max_new_tokens):
+    """StreamingLLM's cache policy over the prompt: blocks of tokens attend to the first
+    SINK_TOKENS tokens and the most recent ones; older tokens are evicted, and the keys that stay
+    are rotated back so that cache positions remain 0..n-1. Returns like prefill_plain."""
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    room = model.config.max_position_embeddings - max_new_tokens  # the cache never holds more during prefill
+    block = max(1, room // 8)
+    cache = KVCache(model.config, 1, room + max_new_tokens, device, dtype)
+    n = 0
+    for start in range(0, len(ids), block):
+        tokens = ids[start:start + block]
+        drop = max(0, n + len(tokens) - room)
+        if drop:
+            angles = -drop * model.inv_freq  # (D/2,): RoPE by a negative shift
+            recent = slice(SINK_TOKENS + drop, n)
+            cache.k[:, 0, :, SINK_TOKENS:n - drop] = apply_rope(cache.k[:, 0, :, recent], angles.cos(), angles.sin())
+            cache.v[:, 0, :, SINK_TOKENS:n - drop] = cache.v[:, 0, :, recent].clone()
+            n -= drop
+        positions = torch.arange(n, n + len(tokens), device=device)[None]
+        hidden = model(torch.tensor([tokens], device=device), positions, cache.prefill_attend(n))
+        n += len(tokens)
+    return cache, model.logits(hidden[0, -1]), n
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -190,8 +242,8 @@ class Engine:
         for bad, message in (
                 (method not in METHODS, f"unknown method {method!r} (choose from {', '.join(METHODS)})"),
                 (max_new_tokens < 1, "--max-new-tokens must be at least 1"),
-                (method == "truncate" and max_new_tokens >= self.window,
-                 f"--max-new-tokens must be below the model's {self.window}-token window to truncate"),
+                (method in ("truncate", "streaming") and max_new_tokens + SINK_TOKENS >= self.window,
+                 f"--max-new-tokens must leave room for the prompt in the model's {self.window}-token window"),
                 (temperature < 0, "--temperature must be 0 (greedy) or positive"),
                 (not 0 < top_p <= 1, "--top-p must be in (0, 1]"),
                 (top_k < 0, "--top-k must be 0 (off) or positive"),
@@ -208,26 +260,6 @@ class Engine:
         if method != "auto":
             return method
         return "full" if len(prompt.ids()) + max_new_tokens <= self.window else "parallelcomp"
-
-    # ------------------------------------------------------------------ prefill
-
-    def prefill_plain(self, ids, max_new_tokens):
-        """Causal prefill at positions 0..T-1 in pieces; returns (cache, last logits, next position)."""
-        cache = KVCache(self.model.config, 1, len(ids) + max_new_tokens, self.device, self.dtype)
-        tokens = torch.tensor([ids], device=self.device)
-        piece = PREFILL_PIECE.get(self.device.type, PREFILL_PIECE["cuda"])
-        for start in range(0, len(ids), piece):
-            end = min(start + piece, len(ids))
-            positions = torch.arange(start, end, device=self.device)[None]
-            hidden = self.model(tokens[:, start:end], positions, cache.prefill_attend(start))
-        return cache, self.model.logits(hidden[0, -1]), len(ids)
-
-    def truncate(self, ids, max_new_tokens):
-        """Keep the first and last halves of what the window leaves for the prompt (LongBench)."""
-        budget = self.window - max_new_tokens
-        if len(ids) <= budget:
-            return ids
-        return ids[:budget // 2] + ids[len(ids) - (budget - budget // 2):]
 
     # ------------------------------------------------------------------ generate
 
@@ -260,10 +292,14 @@ class Engine:
                 stats.update(chunks=result.chunks, kept_chunks=[c.index for c in result.kept],
                              kept_spans=[[c.span.start, c.span.stop] for c in result.kept],
                              evicted_tokens=result.evicted_tokens)
+            elif method == "streaming":
+                cache, logits, position = prefill_streaming(self.model, prompt.ids(), max_new_tokens)
             else:
-                ids = self.truncate(prompt.ids(), max_new_tokens) if method == "truncate" else prompt.ids()
+                ids = prompt.ids()
+                if method == "truncate":
+                    ids = truncate(ids, self.window - max_new_tokens)
                 stats["truncated_tokens"] = len(prompt.ids()) - len(ids)
-                cache, logits, position = self.prefill_plain(ids, max_new_tokens)
+                cache, logits, position = prefill_plain(self.model, ids, max_new_tokens)
             tokens = self.decode(cache, logits, position, prompt.ids(), max_new_tokens, temperature, top_p,
                                  top_k, seed, cuda_graph, on_text, stats, start)
         stats["peak_memory_bytes"] = peak_memory(self.device)

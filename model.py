@@ -24,7 +24,9 @@ except ImportError:
     flash_attn_func = None
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+CACHE_ALIGN = 256  # KV cache capacity granularity, in tokens
+ROPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 # On H100/H200 with torch 2.11, cuDNN attention ran causal prefill about 2x faster than
 # PyTorch's flash backend; SDPA skips backends that cannot take the inputs.
 PREFILL_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
@@ -69,6 +71,8 @@ class ModelConfig:
                                   f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         if hf.get("use_sliding_window"):
             raise CheckpointError(f"{path}: sliding-window attention is not supported")
+        if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
+            raise CheckpointError(f"{path}: only the SwiGLU MLP (hidden_act silu, no mlp_bias) is supported")
         try:
             n_heads = int(hf["num_attention_heads"])
             config = cls(
@@ -100,9 +104,15 @@ class ModelConfig:
         if min(sizes) <= 0 or self.n_heads % self.n_kv_heads or self.head_dim % 2:
             raise CheckpointError(f"{path}: inconsistent sizes (heads {self.n_heads}, "
                                   f"KV heads {self.n_kv_heads}, head_dim {self.head_dim})")
-        if self.rope_type not in ROPE_TYPES:
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise CheckpointError(f"{path}: rope_scaling must be an object or null")
+        if self.rope_type not in ROPE_KEYS:
             raise CheckpointError(f"{path}: rope_scaling type {self.rope_type!r} is not "
-                                  f"supported (supported: {', '.join(ROPE_TYPES)})")
+                                  f"supported (supported: {', '.join(ROPE_KEYS)})")
+        missing = [k for k in ROPE_KEYS[self.rope_type] if not isinstance(self.rope_scaling.get(k), (int, float))]
+        if missing:
+            raise CheckpointError(f"{path}: rope_scaling of type {self.rope_type} needs a number for "
+                                  f"{', '.join(missing)}")
 
     @property
     def rope_type(self):
@@ -164,15 +174,19 @@ def attention(q, k, v, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+def matmul_f32(a, b):
+    """a (N, M, K) @ b (N, K, P) -> float32 (N, M, P). On a GPU 16-bit inputs are multiplied with
+    float32 output, not rounded to 16 bits first (logits and attention scores need the digits)."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
+
+
 def scores_f32(q, k):
     """q (B, H_kv, G, D) @ k (B, H_kv, S, D)ᵀ -> (B, H_kv, G, S) in float32, scaled by 1/sqrt(D)."""
     B, Hkv, G, D = q.shape
-    if q.is_cuda and q.dtype != torch.float32:  # fp32 accumulate and output, no upcast copy of K
-        s = torch.bmm(q.reshape(B * Hkv, G, D), k.reshape(B * Hkv, -1, D).transpose(1, 2),
-                      out_dtype=torch.float32).view(B, Hkv, G, -1)
-    else:
-        s = (q @ k.transpose(-1, -2)).float()
-    return s * D ** -0.5
+    s = matmul_f32(q.reshape(B * Hkv, G, D), k.reshape(B * Hkv, -1, D).transpose(1, 2))
+    return s.view(B, Hkv, G, -1) * D ** -0.5
 
 
 def decode_attention(q, k, v, length):
@@ -192,10 +206,13 @@ class KVCache:
     """Per-generation static cache, GQA-native: k, v (L, B, H_kv, capacity, D).
 
     lens (L,) counts the live entries of each layer on the device; they differ between layers
-    only after ParallelComp's attention calibration.
+    only after ParallelComp's attention calibration. The capacity is rounded up to a multiple of
+    CACHE_ALIGN: rows of attention probabilities whose length is not a multiple of 8 push
+    cuBLAS off its tensor-core kernels ([H200] 2-3x slower decode).
     """
 
     def __init__(self, config, batch, capacity, device, dtype):
+        capacity = -(-capacity // CACHE_ALIGN) * CACHE_ALIGN
         shape = (config.n_layers, batch, config.n_kv_heads, capacity, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -230,9 +247,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        """x (..., dim) in float32 (the residual stream) -> normalised, in the weights' dtype."""
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
 
 
 class Attention(nn.Module):
@@ -298,7 +316,7 @@ class Llama(nn.Module):
             inv_freq = dynamic_ntk_frequencies(self.config, inv_freq, positions)
         angles = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, D/2)
         cos, sin = angles.cos(), angles.sin()
-        x = self.embed(tokens)
+        x = self.embed(tokens).float()  # the residual stream stays in float32 whatever the weights' dtype
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v))
         return self.norm(x)
@@ -306,7 +324,8 @@ class Llama(nn.Module):
     def logits(self, hidden):
         """(..., dim) -> float32 (..., vocab): call it only where a token is sampled or scored."""
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        flat = hidden.reshape(1, -1, hidden.shape[-1])
+        return matmul_f32(flat, weight.t()[None]).view(*hidden.shape[:-1], -1)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -398,9 +417,15 @@ def load_model(path, device, dtype):
         raise CheckpointError(f"{path} is not a directory")
     config = ModelConfig.from_json(path / "config.json")
     files = safetensors_files(path)
+    model = build_model(config, device, dtype)
+    load_weights(model, files)
+    return model
+
+
+def build_model(config, device, dtype):
+    """An inference-mode Llama with uninitialised weights, allocated once on `device`."""
     with torch.device("meta"):
         model = Llama(config).to(dtype)
     model = model.to_empty(device=device)
     model.inv_freq = rope_frequencies(config).to(device)
-    load_weights(model, files)
     return model.eval().requires_grad_(False)

@@ -1,0 +1,233 @@
+"""Prefill and decode speed against the GPU's physical limits, beside transformers.
+
+    python bench.py --model both --contexts 8192 32768 131072 --out bench.json
+
+Models: SmolLM2-135M (the embedded checkpoint) and a Llama-3-8B-shaped model with random bf16
+weights made on the GPU. For each context length and method (full attention, ParallelComp) it
+measures prefill time and decode time per token with CUDA graphs, and prints each beside its
+floor: prefill FLOPs over the bf16 matmul rate, decode bytes (weights + KV read per token) over
+the copy bandwidth, both measured in the same run. transformers' LlamaForCausalLM (sdpa) runs
+the same shapes when it is installed.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+import parallelcomp
+from engine import Decoder, Sampler, prefill_plain
+from model import ModelConfig, build_model, load_model
+
+LLAMA3_8B = ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                        ffn_dim=14336, norm_eps=1e-5, rope_theta=500000.0, rope_scaling=None,
+                        max_position_embeddings=8192, tie_word_embeddings=False, attention_bias=False,
+                        output_bias=False)
+QUESTION_TOKENS = 64
+DECODE_STEPS = 64
+
+
+# ---------------------------------------------------------------------------- physical limits
+
+def timed(fn, repeat=1):
+    """Median seconds of fn() over `repeat` runs, after one warm-up, with device events."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_limits():
+    """Copy bandwidth (bytes read + written per second) and the dense bf16 matmul rate."""
+    x = torch.empty(2 ** 31, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    bandwidth = 2 * x.numel() / timed(lambda: y.copy_(x), 10)
+    del x, y
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    flops = 2 * 8192 ** 3 / timed(lambda: a @ b, 10)
+    return bandwidth, flops
+
+
+def layer_params(c):
+    return c.n_layers * (c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim
+                         + 3 * c.dim * c.ffn_dim)
+
+
+def forward_flops(c, tokens, keys):
+    """FLOPs of a forward of `tokens` queries over `keys` keys of which the last `tokens` are causal."""
+    attention = 4 * c.n_layers * c.n_heads * c.head_dim * tokens * (keys - tokens + (tokens + 1) / 2)
+    return 2 * layer_params(c) * tokens + attention
+
+
+def weight_bytes(c, element=2):
+    return element * (layer_params(c) + c.vocab_size * c.dim)
+
+
+def kv_bytes_per_token(c, element=2):
+    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * element
+
+
+# ---------------------------------------------------------------------------- our engine
+
+def run_prefill(model, method, ids, question):
+    """Returns (cache, logits, next position, FLOPs, extra stats)."""
+    c = model.config
+    if method == "full":
+        cache, logits, position = prefill_plain(model, ids + question, DECODE_STEPS)
+        return cache, logits, position, forward_flops(c, len(ids) + len(question), len(ids) + len(question)), {}
+    config = parallelcomp.ParallelCompConfig()
+    res = parallelcomp.prefill(model, [], ids, question, config, DECODE_STEPS, bos_id=None)
+    chunk = parallelcomp.default_chunk_tokens(c.max_position_embeddings, 0, len(question), DECODE_STEPS)
+    spans = parallelcomp.chunk_spans(len(ids), chunk)
+    S = res.cache.lens[0].item() - len(question)
+    flops = sum(forward_flops(c, len(s) + len(question), len(s) + len(question)) for s in spans)
+    flops += 2 * len(spans) * len(question) * c.vocab_size * c.dim + forward_flops(c, len(question), S + len(question))
+    return res.cache, res.logits, res.next_position, flops, {"chunks": res.chunks, "cache_tokens": S + len(question)}
+
+
+def bench_engine(model, context, method, bandwidth, matmul_rate):
+    c = model.config
+    gen = torch.Generator().manual_seed(context)
+    ids = torch.randint(0, c.vocab_size, (context,), generator=gen).tolist()
+    question = ids[-QUESTION_TOKENS:]
+    ids = ids[:-QUESTION_TOKENS]
+    with torch.inference_mode():
+        run_prefill(model, method, ids[:4096], question)  # warm-up: cuDNN plans, cuBLAS handles
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        cache, logits, position, flops, extra = run_prefill(model, method, ids, question)
+        torch.cuda.synchronize()
+        prefill = time.perf_counter() - start
+        prefill_memory = torch.cuda.max_memory_allocated()
+        cached = cache.lens.max().item()
+        decoder = Decoder(model, cache, int(logits.argmax()), position, DECODE_STEPS, Sampler(0.0, 0, 1.0, None), True)
+        decode = timed(lambda: decoder.run(DECODE_STEPS // 2 - 1)) / (DECODE_STEPS // 2 - 1)
+    decode_bytes = weight_bytes(c) + kv_bytes_per_token(c) * cached
+    prefill_floor, decode_floor = flops / matmul_rate, decode_bytes / bandwidth
+    return dict(engine="ours", method=method, context=context, **extra,
+                prefill_s=prefill, prefill_tok_s=context / prefill, prefill_floor_s=prefill_floor,
+                prefill_ratio=prefill_floor / prefill, prefill_tflops=flops / prefill / 1e12,
+                decode_ms=decode * 1e3, decode_tok_s=1 / decode, decode_floor_ms=decode_floor * 1e3,
+                decode_ratio=decode_floor / decode, peak_gib=prefill_memory / 2 ** 30)
+
+
+# ---------------------------------------------------------------------------- transformers
+
+def transformers_model(c, checkpoint):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if checkpoint:
+        return LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    hf = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
+                     num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+                     head_dim=c.head_dim, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                     max_position_embeddings=131072, tie_word_embeddings=c.tie_word_embeddings)
+    hf._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        return LlamaForCausalLM(hf).to(torch.bfloat16).eval()
+
+
+def bench_transformers(model, c, context, bandwidth, matmul_rate):
+    ids = torch.randint(0, c.vocab_size, (1, context), device="cuda")
+    row = dict(engine="transformers", method="full", context=context)
+    try:
+        with torch.inference_mode():
+            model(ids[:, :1024], use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+            prefill = time.perf_counter() - start
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(DECODE_STEPS // 2):
+                out = model(token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            decode = (time.perf_counter() - start) / (DECODE_STEPS // 2)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return dict(row, error="out of memory")
+    prefill_floor = forward_flops(c, context, context) / matmul_rate
+    decode_floor = (weight_bytes(c) + kv_bytes_per_token(c) * context) / bandwidth
+    return dict(row, prefill_s=prefill, prefill_tok_s=context / prefill, prefill_floor_s=prefill_floor,
+                prefill_ratio=prefill_floor / prefill, decode_ms=decode * 1e3, decode_tok_s=1 / decode,
+                decode_floor_ms=decode_floor * 1e3, decode_ratio=decode_floor / decode,
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+
+
+# ---------------------------------------------------------------------------- report
+
+def table(rows):
+    lines = ["| model | engine | method | context | prefill s (floor, ratio) | prefill tok/s | "
+             "decode ms/tok (floor, ratio) | decode tok/s | peak GiB |", "|---" * 9 + "|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['engine']} | {r['method']} | {r['context']} | {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['engine']} | {r['method']} | {r['context']} | "
+                     f"{r['prefill_s']:.3f} ({r['prefill_floor_s']:.3f}, {100 * r['prefill_ratio']:.0f} %) | "
+                     f"{r['prefill_tok_s']:,.0f} | {r['decode_ms']:.3f} ({r['decode_floor_ms']:.3f}, "
+                     f"{100 * r['decode_ratio']:.0f} %) | {r['decode_tok_s']:,.0f} | {r['peak_gib']:.1f} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("smollm2", "llama3-8b", "both"), default="both")
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--methods", nargs="+", default=["full", "parallelcomp"])
+    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--out", default="bench.json")
+    args = p.parse_args()
+    bandwidth, matmul_rate = measure_limits()
+    print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s")
+    rows = []
+    for name in (("smollm2", "llama3-8b") if args.model == "both" else (args.model,)):
+        if name == "smollm2":
+            from weights.smollm2 import ensure_default_model
+            checkpoint = ensure_default_model()
+            model = load_model(checkpoint, "cuda", torch.bfloat16)
+        else:
+            checkpoint = None
+            model = build_model(LLAMA3_8B, "cuda", torch.bfloat16)
+            gen = torch.Generator("cuda").manual_seed(0)
+            for param in model.parameters():
+                param.normal_(0, 0.02, generator=gen)
+        for context in args.contexts:
+            for method in args.methods:
+                rows.append(dict(model=name, **bench_engine(model, context, method, bandwidth, matmul_rate)))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+        config = model.config
+        del model
+        torch.cuda.empty_cache()
+        if not args.no_transformers:
+            try:
+                hf = transformers_model(config, checkpoint)
+            except ImportError:
+                print("transformers is not installed: no peer run")
+                continue
+            for context in args.contexts:
+                rows.append(dict(model=name, **bench_transformers(hf, config, context, bandwidth, matmul_rate)))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+            del hf
+            torch.cuda.empty_cache()
+    print(table(rows))
+    with open(args.out, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), copy_bytes_per_s=bandwidth, bf16_flops=matmul_rate,
+                       rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
