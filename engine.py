@@ -217,11 +217,13 @@ class Engine:
     # ------------------------------------------------------------------ prompt layout
 
     def layout(self, document, question=None, instruction=None, chat=False):
-        """Token layout of [instruction + document] followed by the question block."""
+        """Token layout of [instruction + document] followed by the question block; the question
+        comes after a blank line unless it starts with whitespace of its own."""
         tok = self.tokenizer
         instruction = instruction or ""
+        question = question if not question or question[:1].isspace() else "\n\n" + question
         if chat:
-            content = instruction + CONTEXT_MARK + ("\n\n" + question if question else "")
+            content = instruction + CONTEXT_MARK + (question or "")
             before, after = tok.render_chat([{"role": "user", "content": content}]).split(CONTEXT_MARK)
             return Prompt(tok.encode(before), tok.encode(document), tok.encode(after))
         head = tok.bos_prefix + (tok.encode(instruction) if instruction else [])

@@ -32,7 +32,7 @@ from model import KVCache, attention, scores_f32
 
 OBSERVATION_WINDOW = 8  # last question tokens whose attention scores a chunk's tokens (KV eviction)
 POOL_KERNEL = 7  # KV eviction max-pools scores over neighbours so kept tokens come in runs
-MAX_BATCH_TOKENS = 32768  # beyond this one forward fills a GPU; the cap keeps memory independent of the prompt length
+MAX_BATCH_TOKENS = 16384  # one forward of this many tokens fills a GPU; the cap keeps memory independent of the prompt length
 REGIONS = ("sink", "recent", "middle", "all")
 
 

@@ -1,28 +1,37 @@
-"""Passkey retrieval: a 5-digit key hidden in filler text at a given depth, asked for at the end.
+"""Passkey and needle retrieval over a grid of context lengths × depths, one heatmap per method.
 
-    python eval/passkey.py --lengths 16384 32768 65536 --methods parallelcomp full truncate
+    python eval/passkey.py --tasks passkey needle --lengths 4096 8192 16384 32768 65536 --out results/retrieval
 
-Each prompt is the instruction, filler with the needle at `depth`, then the question; a run is
-correct when the generated text contains the key. Prints an accuracy table and writes JSON.
+passkey: a 5-digit key hidden in filler text at a depth, asked for at the end; a trial scores 1
+when the answer contains the key. needle: a sentence about San Francisco inserted at a sentence
+boundary into essays cut to the length; a trial scores the share of the needle's key words (eat,
+sandwich, sit, Dolores, Park, sunny) that the answer contains. Writes PREFIX.json and
+PREFIX_{task}_{method}.png (mean score per length × depth), prints mean scores per length.
 """
 
-import argparse
 import json
 import random
-import sys
+import re
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import matplotlib.pyplot as plt
 
-from engine import Engine  # noqa: E402
-from parallelcomp import ParallelCompConfig  # noqa: E402
+from common import METHODS, length_label, load_engine, log, markdown_table, output_path, parser, write_json
+from parallelcomp import ParallelCompConfig  # after common, which puts the repository on sys.path
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. "
                "Find it and memorize it. I will quiz you about the important information there.\n\n")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
+
+ESSAYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "essays" / "paul_graham_essays.json"
+SF_INSTRUCTION = "Read the essays below and answer the question after them.\n\n"
+SF_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+SF_QUESTION = "What is the best thing to do in San Francisco? The best thing to do in San Francisco is"
+SF_KEYWORDS = ("eat", "sandwich", "sit", "dolores", "park", "sunny")
+MAX_NEW_TOKENS = {"passkey": 8, "needle": 32}
 
 
 def passkey_document(tokenizer, n_tokens, depth, key):
@@ -38,51 +47,110 @@ def passkey_keys(n, seed=0):
     return [str(rng.randrange(10000, 100000)) for _ in range(n)]
 
 
-def run(engine, lengths, depths, keys, methods, parallel, max_new_tokens=8):
+def read_haystack(path):
+    """The text of a .json file holding {"text": ...} (RULER's essays), or of a text file."""
+    text = Path(path).read_text(encoding="utf-8")
+    return json.loads(text)["text"] if Path(path).suffix == ".json" else text
+
+
+def needle_document(tokenizer, haystack_ids, n_tokens, depth):
+    """Haystack text of about n_tokens tokens (counting the prompt's other parts) with the needle
+    at the last sentence boundary before `depth` (0..1) of its characters."""
+    budget = n_tokens - len(tokenizer.encode(SF_INSTRUCTION + SF_NEEDLE + SF_QUESTION))
+    if budget > len(haystack_ids):
+        raise ValueError(f"the haystack has {len(haystack_ids)} tokens, {budget} needed")
+    text = tokenizer.decode(haystack_ids[:max(budget, 0)])
+    boundary = text.rfind(". ", 0, round(depth * len(text)))
+    at = boundary + 2 if boundary >= 0 else 0
+    return text[:at] + SF_NEEDLE + " " + text[at:]
+
+
+def needle_score(answer):
+    words = set(re.findall(r"[a-z]+", answer.lower()))
+    return sum(w in words for w in SF_KEYWORDS) / len(SF_KEYWORDS)
+
+
+def trials(tokenizer, task, n_tokens, depth, keys, haystack_ids):
+    """(document, instruction, question, score function) of each trial in one grid cell."""
+    if task == "passkey":
+        return [(passkey_document(tokenizer, n_tokens, depth, key), INSTRUCTION, QUESTION,
+                 lambda answer, key=key: float(key in answer)) for key in keys]
+    return [(needle_document(tokenizer, haystack_ids, n_tokens, depth), SF_INSTRUCTION, SF_QUESTION, needle_score)]
+
+
+def run(engine, tasks, lengths, depths, keys, haystack_ids, methods, parallel):
     rows = []
-    for n_tokens in lengths:
-        for depth in depths:
-            for key in keys:
-                document = passkey_document(engine.tokenizer, n_tokens, depth, key)
-                for method in methods:
-                    start = time.perf_counter()
-                    out = engine.generate(document, QUESTION, instruction=INSTRUCTION, method=method,
-                                          max_new_tokens=max_new_tokens, parallel=parallel)
-                    rows.append(dict(length=n_tokens, depth=depth, key=key, method=method,
-                                     prompt_tokens=out.stats["prompt_tokens"], answer=out.text,
-                                     correct=key in out.text, seconds=time.perf_counter() - start))
+    for task in tasks:
+        for n_tokens in lengths:
+            for depth in depths:
+                cell = trials(engine.tokenizer, task, n_tokens, depth, keys, haystack_ids)
+                for trial, (document, instruction, question, score) in enumerate(cell):
+                    for method in methods:
+                        start = time.perf_counter()
+                        out = engine.generate(document, question, instruction=instruction, method=method,
+                                              max_new_tokens=MAX_NEW_TOKENS[task], parallel=parallel)
+                        rows.append(dict(task=task, length=n_tokens, depth=depth, trial=trial, method=method,
+                                         prompt_tokens=out.stats["prompt_tokens"], answer=out.text,
+                                         score=score(out.text), seconds=time.perf_counter() - start))
+                        log(f"{task} {n_tokens} depth {depth} #{trial} {method}: {rows[-1]['score']:.2f} {out.text!r}")
     return rows
 
 
-def accuracy_table(rows, methods):
-    lengths = sorted({r["length"] for r in rows})
-    lines = ["| length | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
-    for n in lengths:
-        cells = []
-        for m in methods:
-            hits = [r["correct"] for r in rows if r["length"] == n and r["method"] == m]
-            cells.append(f"{100 * sum(hits) / len(hits):.0f} % ({sum(hits)}/{len(hits)})")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def mean_score(rows, **where):
+    scores = [r["score"] for r in rows if all(r[k] == v for k, v in where.items())]
+    return sum(scores) / len(scores)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536])
+def heatmap(rows, task, method, path):
+    """Mean score per (depth, length) cell: lengths across, depths down, each cell annotated."""
+    lengths, depths = sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows})
+    grid = [[mean_score(rows, task=task, method=method, length=n, depth=d) for n in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.1 * len(lengths) + 2.5, 0.5 * len(depths) + 1.8))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set(xlabel="context length (tokens)", ylabel="depth", title=f"{task}, {method}")
+    fig.colorbar(image, ax=ax, label="mean score")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def score_table(rows, tasks, methods):
+    lines = [[task, length_label(n)] + [f"{100 * mean_score(rows, task=task, length=n, method=m):.0f}"
+                                        for m in methods]
+             for task in tasks for n in sorted({r["length"] for r in rows})]
+    return markdown_table(["task", "length"] + list(methods), lines)
+
+
+def main(argv=None):
+    p = parser(__doc__, "passkey")
+    p.add_argument("--tasks", nargs="+", choices=("passkey", "needle"), default=["passkey", "needle"])
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
-    p.add_argument("--keys", type=int, default=3, help="keys per (length, depth)")
-    p.add_argument("--methods", nargs="+", default=["parallelcomp", "full", "truncate"])
-    p.add_argument("--chunk-tokens", type=int)
-    p.add_argument("--top-k-chunks", type=int, default=1, help="1, as the original forces for passkey")
-    p.add_argument("--device")
-    p.add_argument("--out", default="passkey.json")
-    args = p.parse_args()
-    engine = Engine(args.model, args.device, log=lambda m: print(m, file=sys.stderr))
+    p.add_argument("--keys", type=int, default=3, help="passkey trials per (length, depth)")
+    p.add_argument("--haystack", default=str(ESSAYS) if ESSAYS.exists() else None,
+                   help="needle: essays JSON ({\"text\": ...}) or a text file")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--chunk-tokens", type=int, help="ParallelComp: context tokens per chunk")
+    p.add_argument("--top-k-chunks", type=int, default=1, help="ParallelComp: 1, as the original forces for passkey")
+    args = p.parse_args(argv)
+    if "needle" in args.tasks and not args.haystack:
+        p.error(f"{ESSAYS} is absent: give the needle task a --haystack")
+    engine = load_engine(args)
+    haystack_ids = []
+    if "needle" in args.tasks:  # about 8 characters per token covers every tokenizer here
+        haystack_ids = engine.tokenizer.encode(read_haystack(args.haystack)[:8 * max(args.lengths)])
     parallel = ParallelCompConfig(chunk_tokens=args.chunk_tokens, top_k_chunks=args.top_k_chunks)
-    rows = run(engine, args.lengths, args.depths, passkey_keys(args.keys), args.methods, parallel)
-    Path(args.out).write_text(json.dumps(rows, indent=1))
-    print(accuracy_table(rows, args.methods))
+    rows = run(engine, args.tasks, args.lengths, args.depths, passkey_keys(args.keys), haystack_ids,
+               args.methods, parallel)
+    write_json(args.out, dict(args=vars(args), rows=rows))
+    for task in args.tasks:
+        for method in args.methods:
+            heatmap(rows, task, method, output_path(args.out, f"_{task}_{method}.png"))
+    print(score_table(rows, args.tasks, args.methods))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,125 @@
+"""Perplexity of a fixed 256-token segment of a book given the N tokens before it, per method.
+
+    python eval/ppl.py --lengths 1024 4096 8192 16384 32768 65536 131072 --out results/ppl
+
+full: one causal pass over the N tokens, the segment scored as their continuation. truncate: the
+last window - 256 of the N tokens (what fits). parallelcomp: the 256 tokens just before the
+segment are the query that ranks the chunks of the rest (never the segment itself); the segment
+is then scored as the continuation of the query pass. streaming: StreamingLLM's cache over the N
+tokens. Prints a table of perplexity per N, writes PREFIX.json and a plot PREFIX.png.
+"""
+
+import math
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+from common import METHODS, length_label, load_engine, log, markdown_table, output_path, parser, write_json
+import parallelcomp  # after common, which puts the repository on sys.path
+from engine import prefill_plain, prefill_streaming
+
+BOOK = Path(__file__).resolve().parents[2] / "shared" / "data" / "books" / "war_and_peace.txt"
+
+
+def book_tokens(tokenizer, path, offset, n_tokens):
+    """n_tokens tokens of the book from character `offset` on."""
+    text = Path(path).read_text(encoding="utf-8")[offset:]
+    ids = tokenizer.encode(text[:8 * n_tokens])  # about 8 characters per token covers every tokenizer here
+    if len(ids) < n_tokens:
+        raise ValueError(f"{path} from character {offset} has {len(ids)} tokens, {n_tokens} needed")
+    return ids[:n_tokens]
+
+
+def continuation_nll(model, cache, logits, position, target):
+    """Mean NLL of `target` after a prefilled cache whose last logits (vocab,) predict target[0]:
+    target[:-1] is fed at positions position.. and written after the cache's live entries."""
+    device = logits.device
+    positions = torch.arange(position, position + len(target) - 1, device=device)[None]
+    hidden = model(torch.tensor([target[:-1]], device=device), positions, cache.prefill_attend(int(cache.lens[0])))
+    predictions = torch.cat([logits[None], model.logits(hidden[0])])
+    return F.cross_entropy(predictions, torch.tensor(target, device=device)).item()
+
+
+def prefill(engine, method, context, target_len, query_len, parallel):
+    """The context prefilled by `method`: (cache, logits at its last token, next position)."""
+    model, head, window = engine.model, engine.tokenizer.bos_prefix, engine.window
+    if method == "full":
+        return prefill_plain(model, head + context, target_len)
+    if method == "truncate":
+        return prefill_plain(model, head + context[-(window - target_len - len(head)):], target_len)
+    if method == "streaming":
+        return prefill_streaming(model, head + context, target_len)
+    result = parallelcomp.prefill(model, head, context[:-query_len], context[-query_len:], parallel,
+                                  target_len, engine.tokenizer.bos_id)
+    return result.cache, result.logits, result.next_position
+
+
+def run(engine, tokens, lengths, target_len, query_len, methods, parallel):
+    """tokens: max(lengths) tokens of context then the target; one row per (N, method)."""
+    target, end = tokens[-target_len:], len(tokens) - target_len
+    rows = []
+    for n in lengths:
+        for method in methods:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                cache, logits, position = prefill(engine, method, tokens[end - n:end], target_len, query_len, parallel)
+                nll = continuation_nll(engine.model, cache, logits, position, target)
+            rows.append(dict(context_tokens=n, method=method, nll=nll, ppl=math.exp(nll),
+                             seconds=time.perf_counter() - start))
+            log(f"N={n} {method}: ppl {rows[-1]['ppl']:.2f}")
+    return rows
+
+
+def ppl_of(rows, n, method):
+    return next(r["ppl"] for r in rows if r["context_tokens"] == n and r["method"] == method)
+
+
+def plot(rows, lengths, methods, path):
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method in methods:
+        ax.plot(lengths, [ppl_of(rows, n, method) for n in lengths], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [length_label(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_yscale("log")
+    ax.set(xlabel="preceding tokens N", ylabel="perplexity of the target segment")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = parser(__doc__, "ppl")
+    p.add_argument("--book", default=str(BOOK), help="UTF-8 text file")
+    p.add_argument("--offset", type=int, default=200_000, help="character where the first context begins")
+    p.add_argument("--lengths", type=int, nargs="+",
+                   default=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], help="preceding tokens N")
+    p.add_argument("--target-tokens", type=int, default=256)
+    p.add_argument("--query-tokens", type=int, default=256, help="ParallelComp: context tokens that rank the chunks")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=["full", "truncate", "parallelcomp"])
+    p.add_argument("--chunk-tokens", type=int, help="ParallelComp: context tokens per chunk")
+    p.add_argument("--top-k-chunks", type=int, default=3, help="ParallelComp: chunks kept")
+    args = p.parse_args(argv)
+    lengths = sorted(args.lengths)
+    if args.target_tokens < 2:
+        p.error("--target-tokens must be at least 2")
+    if not 0 < args.query_tokens < lengths[0]:
+        p.error(f"--query-tokens must be between 1 and the shortest N ({lengths[0]})")
+    engine = load_engine(args)
+    if len(engine.tokenizer.bos_prefix) + args.query_tokens + args.target_tokens >= engine.window:
+        p.error(f"--query-tokens and --target-tokens must leave room for context in the {engine.window}-token window")
+    tokens = book_tokens(engine.tokenizer, args.book, args.offset, lengths[-1] + args.target_tokens)
+    parallel = parallelcomp.ParallelCompConfig(chunk_tokens=args.chunk_tokens, top_k_chunks=args.top_k_chunks)
+    rows = run(engine, tokens, lengths, args.target_tokens, args.query_tokens, args.methods, parallel)
+    write_json(args.out, dict(args=vars(args), rows=rows))
+    plot(rows, lengths, args.methods, output_path(args.out, ".png"))
+    print(markdown_table(["N"] + args.methods,
+                         [[n] + [f"{ppl_of(rows, n, m):.2f}" for m in args.methods] for n in lengths]))
+
+
+if __name__ == "__main__":
+    main()

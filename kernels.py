@@ -1,0 +1,184 @@
+"""Triton kernels for the GPU: one launch where plain PyTorch needs five to twenty.
+
+Decoding one token is launch-bound (engine_notes.md §2.11): inside a CUDA graph every kernel
+costs ~2-3 µs however little it does, and a Llama layer written with PyTorch ops launches ~50.
+These kernels bring a decode layer to ~12 launches: RMSNorm, rotary q/k, K/V store, split-KV
+attention (+ its merge) and SiLU·up, around the four cuBLAS matmuls. model.py uses them for CUDA
+tensors when Triton imports and falls back to its own PyTorch code otherwise; tests/test_kernels.py
+checks each against that code on a GPU.
+"""
+
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+
+
+def supports(head_dim):
+    """Head sizes the attention kernels take: tl.dot needs a power of two of at least 16."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+@cache
+def sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@triton.jit
+def _rms_norm(x_ptr, w_ptr, out_ptr, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    x = x * tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=mask)
+    tl.store(out_ptr + row * n_cols + cols, x.to(w.dtype) * w, mask=mask)
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm of float32 rows (..., dim) -> the weights' dtype; x must be contiguous."""
+    out = torch.empty(x.shape, device=x.device, dtype=weight.dtype)
+    n = x.shape[-1]
+    _rms_norm[(x.numel() // n,)](x, weight, out, n, eps, BLOCK=triton.next_power_of_2(n))
+    return out
+
+
+@triton.jit
+def _rotary(qkv_ptr, cos_ptr, sin_ptr, out_ptr, qkv_stride, heads, HALF: tl.constexpr):
+    row, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    i = tl.arange(0, HALF)
+    src = qkv_ptr + row * qkv_stride + head * 2 * HALF
+    x1 = tl.load(src + i).to(tl.float32)
+    x2 = tl.load(src + HALF + i).to(tl.float32)
+    c = tl.load(cos_ptr + row * HALF + i)
+    s = tl.load(sin_ptr + row * HALF + i)
+    dst = out_ptr + (row * heads + head) * 2 * HALF
+    tl.store(dst + i, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty))
+    tl.store(dst + HALF + i, (x2 * c + x1 * s).to(out_ptr.dtype.element_ty))
+
+
+def rotary(qkv, cos, sin, n_heads, n_kv_heads, head_dim):
+    """Rotate the q and k heads of qkv (B, T, (H + 2 H_kv) D) by cos/sin (B, 1, T, D/2) float32.
+
+    Returns q (B, H, T, D) and k (B, H_kv, T, D), views of one new buffer (B, T, H + H_kv, D).
+    """
+    B, T, _ = qkv.shape
+    heads = n_heads + n_kv_heads
+    out = torch.empty(B, T, heads, head_dim, device=qkv.device, dtype=qkv.dtype)
+    _rotary[(B * T, heads)](qkv, cos.contiguous(), sin.contiguous(), out, qkv.stride(1), heads,
+                            HALF=head_dim // 2)
+    return out[:, :, :n_heads].transpose(1, 2), out[:, :, n_heads:].transpose(1, 2)
+
+
+@triton.jit
+def _store_kv(k_ptr, k_stride_b, k_stride_h, v_ptr, v_stride_b, v_stride_h, k_cache, v_cache, at_ptr, capacity,
+              D: tl.constexpr):
+    """Program (b, h): k/v[b, h, 0] -> cache[b, h, at]."""
+    b, h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, D)
+    at = ((b * tl.num_programs(1) + h) * capacity + tl.load(at_ptr)) * D + d
+    tl.store(k_cache + at, tl.load(k_ptr + b * k_stride_b + h * k_stride_h + d))
+    tl.store(v_cache + at, tl.load(v_ptr + b * v_stride_b + h * v_stride_h + d))
+
+
+def store_kv(k, v, k_cache, v_cache, at):
+    """Write one token's k, v (B, H_kv, 1, D) at index `at` (0-dim device tensor) of the caches
+    (B, H_kv, capacity, D)."""
+    B, Hkv, capacity, D = k_cache.shape
+    _store_kv[(B, Hkv)](k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), k_cache, v_cache, at, capacity, D=D)
+
+
+@triton.jit
+def _silu_mul(gate_up_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+    row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(gate_up_ptr + row * 2 * n_cols + cols, mask=mask).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * 2 * n_cols + n_cols + cols, mask=mask).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate_up):
+    """silu(gate) * up for gate_up (..., 2F) contiguous -> (..., F)."""
+    F = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], F, device=gate_up.device, dtype=gate_up.dtype)
+    rows, block = gate_up.numel() // (2 * F), 1024
+    _silu_mul[(rows, triton.cdiv(F, block))](gate_up, out, F, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _decode_attention_split(q_ptr, q_stride_b, q_stride_h, n_kv_heads, k_cache, v_cache, lens_ptr, capacity, split,
+                            acc_ptr, m_ptr, l_ptr, scale, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                            BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (b·h_kv, s): the G query heads of one KV head over keys [s·split, (s+1)·split) ∩ live.
+
+    Writes the unnormalised output, the running max and the sum of exponentials of its part.
+    """
+    bh, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    n_parts = tl.num_programs(1)
+    g, d = tl.arange(0, G_PAD), tl.arange(0, D)
+    b, h = bh // n_kv_heads, bh % n_kv_heads
+    heads = q_ptr + b * q_stride_b + (h * G + g[:, None]) * q_stride_h + d[None, :]
+    q = tl.load(heads, mask=g[:, None] < G, other=0.0)
+    start = part * split
+    end = tl.minimum(start + split, tl.load(lens_ptr))
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    base = bh * capacity * D
+    for n in range(start, end, BLOCK_N):  # parts past the live length run no iteration
+        keys = n + tl.arange(0, BLOCK_N)
+        valid = keys < end
+        k = tl.load(k_cache + base + keys[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.where(valid[None, :], tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block has a live key
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        v = tl.load(v_cache + base + keys[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
+    out = (bh * G + g) * n_parts + part
+    tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
+    tl.store(m_ptr + out, m, mask=g < G)
+    tl.store(l_ptr + out, l, mask=g < G)
+
+
+@triton.jit
+def _decode_attention_merge(acc_ptr, m_ptr, l_ptr, out_ptr, N_PARTS: tl.constexpr, D: tl.constexpr):
+    """Program (b·h): the log-sum-exp merge of its parts; empty parts have m = -inf, weight 0."""
+    head = tl.program_id(0).to(tl.int64)
+    parts, d = tl.arange(0, N_PARTS), tl.arange(0, D)
+    m = tl.load(m_ptr + head * N_PARTS + parts)
+    l = tl.load(l_ptr + head * N_PARTS + parts)
+    acc = tl.load(acc_ptr + (head * N_PARTS + parts)[:, None] * D + d[None, :])
+    top = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(out_ptr + head * D + d, o.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(q, k_cache, v_cache, live):
+    """One query token per sequence over the first `live` (0-dim device tensor) cached keys.
+
+    q (B, H, 1, D) with a unit stride in D; caches (B, H_kv, capacity, D). Keys are split into parts so that every SM has work at batch 1 (flash-decoding);
+    parts past `live` exit at once, so one captured graph serves every length.
+    """
+    B, H, _, D = q.shape
+    Hkv, capacity = k_cache.shape[1], k_cache.shape[2]
+    G = H // Hkv
+    n_parts = min(64, triton.next_power_of_2(triton.cdiv(2 * sm_count(q.device), B * Hkv)))
+    block_n = 64
+    split = triton.cdiv(triton.cdiv(capacity, n_parts), block_n) * block_n
+    acc = torch.empty(B * H * n_parts, D, device=q.device, dtype=torch.float32)
+    m = torch.empty(B * H * n_parts, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    _decode_attention_split[(B * Hkv, n_parts)](q, q.stride(0), q.stride(1), Hkv, k_cache, v_cache, live, capacity,
+                                                split, acc, m, l, D ** -0.5, G=G,
+                                                G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
+                                                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
+    _decode_attention_merge[(B * H,)](acc, m, l, out, N_PARTS=n_parts, D=D)
+    return out

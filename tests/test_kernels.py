@@ -1,0 +1,97 @@
+"""kernels.py on a GPU: each Triton kernel against model.py's PyTorch code on fresh random inputs,
+and the whole CUDA model (kernels, SDPA, cuBLAS) in float32 against the float64 reference.
+
+Skipped without CUDA and Triton (CI); run on the GPU machine.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+from reference import ref_forward, rel_err
+from test_model import CONFIGS, Case, usable_length
+
+kernels = pytest.importorskip("kernels") if torch.cuda.is_available() else None
+pytestmark = pytest.mark.skipif(kernels is None, reason="needs a CUDA GPU and Triton")
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, dim", [(1, 576), (7, 4096), (3, 100)])
+def test_rms_norm(dtype, rows, dim):
+    x = torch.randn(rows, dim, device="cuda") * 3
+    norm = model.RMSNorm(dim, 1e-5).cuda().to(dtype)
+    norm.weight.data.normal_(1, 0.2)
+    expected = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    assert rel_err(kernels.rms_norm(x, norm.weight, 1e-5), expected) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, T, H, Hkv, D", [(1, 1, 32, 8, 128), (2, 5, 9, 3, 64), (1, 3, 4, 4, 16)])
+def test_rotary(dtype, B, T, H, Hkv, D):
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, device="cuda", dtype=dtype)
+    angles = torch.rand(B, 1, T, D // 2, device="cuda") * 1000
+    q, k = kernels.rotary(qkv, angles.cos(), angles.sin(), H, Hkv, D)
+    q_ref = model.apply_rope(qkv[..., :H * D].view(B, T, H, D).transpose(1, 2), angles.cos(), angles.sin())
+    k_ref = model.apply_rope(qkv[..., H * D:(H + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2), angles.cos(), angles.sin())
+    assert q.shape == q_ref.shape and k.shape == k_ref.shape
+    assert rel_err(q, q_ref) <= TOL[dtype] and rel_err(k, k_ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    gate_up = torch.randn(3, 1, 2 * 1536 + 2 * 7, device="cuda", dtype=dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert rel_err(kernels.silu_mul(gate_up), F.silu(gate) * up) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H, Hkv, D, capacity, live", [(32, 8, 128, 8192, 8000), (9, 3, 64, 2048, 1),
+                                                       (9, 3, 64, 2048, 2048), (4, 4, 16, 256, 77)])
+def test_store_and_decode_attention(dtype, H, Hkv, D, capacity, live):
+    """One token's K/V stored at `live - 1`, then attention over the first `live` keys; the cache
+    holds other values past `live`, which must not leak in."""
+    qkv = torch.randn(1, 1, (H + 2 * Hkv) * D, device="cuda", dtype=dtype)
+    angles = torch.rand(1, 1, 1, D // 2, device="cuda")
+    q, k = kernels.rotary(qkv, angles.cos(), angles.sin(), H, Hkv, D)
+    v = qkv[..., (H + Hkv) * D:].view(1, 1, Hkv, D).transpose(1, 2)
+    k_cache = torch.randn(1, Hkv, capacity, D, device="cuda", dtype=dtype) * 2
+    v_cache = torch.randn_like(k_cache)
+    before = k_cache.clone()
+    at = torch.tensor(live - 1, device="cuda")
+    kernels.store_kv(k, v, k_cache, v_cache, at)
+    assert torch.equal(k_cache[:, :, live - 1], k[:, :, 0]) and torch.equal(v_cache[:, :, live - 1], v[:, :, 0])
+    others = torch.ones(capacity, dtype=torch.bool)
+    others[live - 1] = False
+    assert torch.equal(k_cache[:, :, others], before[:, :, others])
+    out = kernels.decode_attention(q, k_cache, v_cache, at + 1)
+    expected = model.decode_attention(q, k_cache, v_cache, at + 1)
+    assert rel_err(out, expected) <= TOL[dtype]
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def gpu_case(request, tmp_path_factory):
+    case = Case(request.param, tmp_path_factory)
+    case.model = model.load_model(case.dir, "cuda", torch.float32)
+    return case
+
+
+def test_cuda_model_matches_float64_reference(gpu_case):
+    """Prefill of a block, then one token at a time through the Triton decode path, in float32 on
+    the GPU: logits equal the float64 reference."""
+    case = gpu_case
+    T = usable_length(case)
+    tokens = case.tokens[:T]
+    cache = model.KVCache(case.model.config, 1, T, "cuda", torch.float32)
+    with torch.inference_mode():
+        hidden = case.model(torch.tensor([tokens[:5]], device="cuda"), torch.arange(5, device="cuda")[None],
+                            cache.prefill_attend(0))
+        logits = [case.model.logits(hidden)[0]]
+        for t in range(5, T):
+            hidden = case.model(torch.tensor([[tokens[t]]], device="cuda"), torch.tensor([[t]], device="cuda"),
+                                cache.decode_attend)
+            logits.append(case.model.logits(hidden)[0])
+    ours = torch.cat(logits).cpu()
+    assert rel_err(ours, ref_forward(case.w64, case.cfg, tokens, list(range(T)))) <= 1e-5
