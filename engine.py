@@ -217,11 +217,11 @@ class Engine:
     # ------------------------------------------------------------------ prompt layout
 
     def layout(self, document, question=None, instruction=None, chat=False):
-        """Token layout of [instruction + document] followed by the question block; the question
-        comes after a blank line unless it starts with whitespace of its own."""
+        """Token layout of [instruction + document] followed by the question block. The question
+        follows the document verbatim, as prompt templates (LongBench's) expect: put the
+        separator your format needs at its start (the command line puts a blank line)."""
         tok = self.tokenizer
         instruction = instruction or ""
-        question = question if not question or question[:1].isspace() else "\n\n" + question
         if chat:
             content = instruction + CONTEXT_MARK + (question or "")
             before, after = tok.render_chat([{"role": "user", "content": content}]).split(CONTEXT_MARK)
@@ -401,7 +401,8 @@ def main(argv=None):
         dtype = getattr(torch, args.dtype) if args.dtype else None
         engine = Engine(args.model, args.device, dtype, log)
         out = lambda text: (sys.stdout.write(text), sys.stdout.flush())
-        result = engine.generate(document, args.question, method=args.method, max_new_tokens=args.max_new_tokens,
+        question = "\n\n" + args.question if args.question else None
+        result = engine.generate(document, question, method=args.method, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                  chat=args.chat, parallel=parallel, cuda_graph=not args.no_cuda_graph, on_text=out)
     except (EngineError, CheckpointError, TokenizerError, WeightsError) as e:
