@@ -2,8 +2,8 @@
 
 Decoding one token is launch-bound (engine_notes.md §2.11): inside a CUDA graph every kernel
 costs ~2-3 µs however little it does, and a Llama layer written with PyTorch ops launches ~50.
-These kernels bring a decode layer to ~12 launches: RMSNorm, rotary q/k, K/V store, split-KV
-attention (+ its merge) and SiLU·up, around the four cuBLAS matmuls. model.py uses them for CUDA
+These kernels bring a decode layer to 11 launches: residual add + RMSNorm (twice), rotary q/k,
+K/V store, split-KV attention and its merge, SiLU·up, around the four cuBLAS matmuls. model.py uses them for CUDA
 tensors when Triton imports and falls back to its own PyTorch code otherwise; tests/test_kernels.py
 checks each against that code on a GPU.
 """
@@ -26,21 +26,26 @@ def sm_count(device):
 
 
 @triton.jit
-def _rms_norm(x_ptr, w_ptr, out_ptr, n_cols, eps, BLOCK: tl.constexpr):
+def _rms_norm(x_ptr, delta_ptr, w_ptr, out_ptr, n_cols, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    if HAS_DELTA:  # the residual add of the sublayer before, in place
+        x += tl.load(delta_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + row * n_cols + cols, x, mask=mask)
     x = x * tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=mask)
     tl.store(out_ptr + row * n_cols + cols, x.to(w.dtype) * w, mask=mask)
 
 
-def rms_norm(x, weight, eps):
-    """RMSNorm of float32 rows (..., dim) -> the weights' dtype; x must be contiguous."""
+def rms_norm(x, weight, eps, delta=None):
+    """RMSNorm of float32 rows x (..., dim), contiguous -> the weights' dtype. With `delta`
+    (same shape, contiguous), x += delta first, in place: one kernel for the residual add and the norm."""
     out = torch.empty(x.shape, device=x.device, dtype=weight.dtype)
     n = x.shape[-1]
-    _rms_norm[(x.numel() // n,)](x, weight, out, n, eps, BLOCK=triton.next_power_of_2(n))
+    _rms_norm[(x.numel() // n,)](x, x if delta is None else delta, weight, out, n, eps, HAS_DELTA=delta is not None,
+                                 BLOCK=triton.next_power_of_2(n))
     return out
 
 
@@ -82,13 +87,6 @@ def _store_kv(k_ptr, k_stride_b, k_stride_h, v_ptr, v_stride_b, v_stride_h, k_ca
     tl.store(v_cache + at, tl.load(v_ptr + b * v_stride_b + h * v_stride_h + d))
 
 
-def store_kv(k, v, k_cache, v_cache, at):
-    """Write one token's k, v (B, H_kv, 1, D) at index `at` (0-dim device tensor) of the caches
-    (B, H_kv, capacity, D)."""
-    B, Hkv, capacity, D = k_cache.shape
-    _store_kv[(B, Hkv)](k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), k_cache, v_cache, at, capacity, D=D)
-
-
 @triton.jit
 def _silu_mul(gate_up_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
     row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -123,7 +121,7 @@ def _decode_attention_split(q_ptr, q_stride_b, q_stride_h, n_kv_heads, k_cache, 
     heads = q_ptr + b * q_stride_b + (h * G + g[:, None]) * q_stride_h + d[None, :]
     q = tl.load(heads, mask=g[:, None] < G, other=0.0)
     start = part * split
-    end = tl.minimum(start + split, tl.load(lens_ptr))
+    end = tl.minimum(start + split, tl.load(lens_ptr) + 1)  # the token just stored at `lens` counts
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
@@ -147,8 +145,9 @@ def _decode_attention_split(q_ptr, q_stride_b, q_stride_h, n_kv_heads, k_cache, 
 
 
 @triton.jit
-def _decode_attention_merge(acc_ptr, m_ptr, l_ptr, out_ptr, N_PARTS: tl.constexpr, D: tl.constexpr):
-    """Program (b·h): the log-sum-exp merge of its parts; empty parts have m = -inf, weight 0."""
+def _decode_attention_merge(acc_ptr, m_ptr, l_ptr, out_ptr, lens_ptr, N_PARTS: tl.constexpr, D: tl.constexpr):
+    """Program (b·h): the log-sum-exp merge of its parts; empty parts have m = -inf, weight 0.
+    Program 0 then counts the new token in: nothing reads the length after the split kernel."""
     head = tl.program_id(0).to(tl.int64)
     parts, d = tl.arange(0, N_PARTS), tl.arange(0, D)
     m = tl.load(m_ptr + head * N_PARTS + parts)
@@ -158,27 +157,34 @@ def _decode_attention_merge(acc_ptr, m_ptr, l_ptr, out_ptr, N_PARTS: tl.constexp
     w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
     o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
     tl.store(out_ptr + head * D + d, o.to(out_ptr.dtype.element_ty))
+    if head == 0:
+        tl.store(lens_ptr, tl.load(lens_ptr) + 1)
 
 
-def decode_attention(q, k_cache, v_cache, live):
-    """One query token per sequence over the first `live` (0-dim device tensor) cached keys.
+def decode_attend(q, k, v, k_cache, v_cache, length):
+    """Append one token per sequence to the caches and attend to everything cached, in three
+    launches: store, split-KV attention (flash-decoding), merge.
 
-    q (B, H, 1, D) with a unit stride in D; caches (B, H_kv, capacity, D). Keys are split into parts so that every SM has work at batch 1 (flash-decoding);
-    parts past `live` exit at once, so one captured graph serves every length.
+    q (B, H, 1, D), k and v (B, H_kv, 1, D), each with a unit stride in D; caches (B, H_kv,
+    capacity, D); length: 0-dim device tensor of live entries, where the token goes and which
+    it is advanced by one. Keys are split into parts so that every SM has work at batch 1; parts
+    past the live length exit at once, so one captured graph serves every length.
     """
     B, H, _, D = q.shape
     Hkv, capacity = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
+    _store_kv[(B, Hkv)](k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), k_cache, v_cache, length,
+                        capacity, D=D)
     n_parts = min(64, triton.next_power_of_2(triton.cdiv(2 * sm_count(q.device), B * Hkv)))
     block_n = 64
     split = triton.cdiv(triton.cdiv(capacity, n_parts), block_n) * block_n
     acc = torch.empty(B * H * n_parts, D, device=q.device, dtype=torch.float32)
     m = torch.empty(B * H * n_parts, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    _decode_attention_split[(B * Hkv, n_parts)](q, q.stride(0), q.stride(1), Hkv, k_cache, v_cache, live, capacity,
+    _decode_attention_split[(B * Hkv, n_parts)](q, q.stride(0), q.stride(1), Hkv, k_cache, v_cache, length, capacity,
                                                 split, acc, m, l, D ** -0.5, G=G,
                                                 G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
                                                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
-    _decode_attention_merge[(B * H,)](acc, m, l, out, N_PARTS=n_parts, D=D)
+    _decode_attention_merge[(B * H,)](acc, m, l, out, length, N_PARTS=n_parts, D=D)
     return out

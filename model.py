@@ -22,6 +22,10 @@ try:
     from flash_attn import flash_attn_func
 except ImportError:
     flash_attn_func = None
+try:
+    import kernels  # Triton kernels for CUDA tensors (kernels.py); the PyTorch code here otherwise
+except ImportError:
+    kernels = None
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 CACHE_ALIGN = 256  # KV cache capacity granularity, in tokens
@@ -149,6 +153,11 @@ def dynamic_ntk_frequencies(config, inv_freq, positions):
     return base ** -exponents
 
 
+def gpu_kernels(x, head_dim=16):
+    """Whether the Triton kernels serve this tensor (and, for attention, this head size)."""
+    return kernels is not None and x.is_cuda and kernels.supports(head_dim)
+
+
 def apply_rope(x, cos, sin):
     """Rotate the half-split pairs (i, i + D/2) of x (B, H, T, D) by angles given as cos/sin (B, 1, T, D/2)."""
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -231,6 +240,8 @@ class KVCache:
 
     def decode_attend(self, layer, q, k, v):
         """An `attend` for one new token per sequence, written at lens[layer] (graph-safe)."""
+        if gpu_kernels(q, q.shape[-1]):
+            return kernels.decode_attend(q, k, v, self.k[layer], self.v[layer], self.lens[layer])
         at = self.lens[layer:layer + 1]
         self.k[layer].index_copy_(2, at, k)
         self.v[layer].index_copy_(2, at, v)
@@ -246,9 +257,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        """x (..., dim) in float32 (the residual stream) -> normalised, in the weights' dtype."""
-        x = x.float()
+    def forward(self, x, delta=None):
+        """x (..., dim), the float32 residual stream -> normalised, in the weights' dtype.
+
+        delta: the output of the sublayer before, added to x in place first (one kernel on a GPU).
+        """
+        if gpu_kernels(x):
+            return kernels.rms_norm(x, self.weight, self.eps, delta)
+        if delta is not None:
+            x += delta
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(self.weight.dtype)
 
@@ -264,11 +281,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attend):
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        o = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        qkv = self.wqkv(x)
+        q, k, v = qkv.split(self.split, dim=-1)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        if gpu_kernels(qkv, self.head_dim):
+            q, k = kernels.rotary(qkv, cos, sin, self.n_heads, self.n_kv_heads, self.head_dim)
+        else:
+            q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, H, T, D)
+            k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        o = attend(q, k, v)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -279,7 +300,10 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
 
     def forward(self, x):
-        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        gate_up = self.w_gate_up(x)
+        if gpu_kernels(gate_up):
+            return self.w_down(kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.w_down(F.silu(gate) * up)
 
 
@@ -291,9 +315,12 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, attend):
-        x = x + self.attn(self.attn_norm(x), cos, sin, attend)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, delta, cos, sin, attend):
+        """Adds `delta`, the block before's output, to the residual stream x in place; returns
+        this block's MLP output, which the next norm adds in turn."""
+        h = self.attn_norm(x, delta)
+        h = self.mlp_norm(x, self.attn(h, cos, sin, attend))
+        return self.mlp(h)
 
 
 class Llama(nn.Module):
@@ -317,9 +344,10 @@ class Llama(nn.Module):
         angles = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, D/2)
         cos, sin = angles.cos(), angles.sin()
         x = self.embed(tokens).float()  # the residual stream stays in float32 whatever the weights' dtype
+        delta = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v))
-        return self.norm(x)
+            delta = layer(x, delta, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v))
+        return self.norm(x, delta)
 
     def logits(self, hidden):
         """(..., dim) -> float32 (..., vocab): call it only where a token is sampled or scored."""

@@ -20,12 +20,16 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows, dim", [(1, 576), (7, 4096), (3, 100)])
-def test_rms_norm(dtype, rows, dim):
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_rms_norm(dtype, rows, dim, with_delta):
+    """Normalised rows in the weights' dtype; with a delta, the residual stream is updated in place first."""
     x = torch.randn(rows, dim, device="cuda") * 3
-    norm = model.RMSNorm(dim, 1e-5).cuda().to(dtype)
-    norm.weight.data.normal_(1, 0.2)
-    expected = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
-    assert rel_err(kernels.rms_norm(x, norm.weight, 1e-5), expected) <= TOL[dtype]
+    delta = (torch.randn(rows, dim, device="cuda") * 3).to(dtype) if with_delta else None
+    weight = torch.empty(dim, device="cuda", dtype=dtype).normal_(1, 0.2)
+    updated = x + delta if with_delta else x.clone()
+    expected = weight * (updated * torch.rsqrt(updated.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    assert rel_err(kernels.rms_norm(x, weight, 1e-5, delta), expected) <= TOL[dtype]
+    assert rel_err(x, updated) <= 1e-7
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -50,25 +54,22 @@ def test_silu_mul(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H, Hkv, D, capacity, live", [(32, 8, 128, 8192, 8000), (9, 3, 64, 2048, 1),
                                                        (9, 3, 64, 2048, 2048), (4, 4, 16, 256, 77)])
-def test_store_and_decode_attention(dtype, H, Hkv, D, capacity, live):
-    """One token's K/V stored at `live - 1`, then attention over the first `live` keys; the cache
-    holds other values past `live`, which must not leak in."""
+def test_decode_attend(dtype, H, Hkv, D, capacity, live):
+    """One token's K/V stored at `live - 1`, attention over the first `live` keys, the length advanced;
+    the cache holds other values past `live`, which must not leak in nor be overwritten."""
     qkv = torch.randn(1, 1, (H + 2 * Hkv) * D, device="cuda", dtype=dtype)
     angles = torch.rand(1, 1, 1, D // 2, device="cuda")
     q, k = kernels.rotary(qkv, angles.cos(), angles.sin(), H, Hkv, D)
     v = qkv[..., (H + Hkv) * D:].view(1, 1, Hkv, D).transpose(1, 2)
     k_cache = torch.randn(1, Hkv, capacity, D, device="cuda", dtype=dtype) * 2
     v_cache = torch.randn_like(k_cache)
-    before = k_cache.clone()
-    at = torch.tensor(live - 1, device="cuda")
-    kernels.store_kv(k, v, k_cache, v_cache, at)
-    assert torch.equal(k_cache[:, :, live - 1], k[:, :, 0]) and torch.equal(v_cache[:, :, live - 1], v[:, :, 0])
-    others = torch.ones(capacity, dtype=torch.bool)
-    others[live - 1] = False
-    assert torch.equal(k_cache[:, :, others], before[:, :, others])
-    out = kernels.decode_attention(q, k_cache, v_cache, at + 1)
-    expected = model.decode_attention(q, k_cache, v_cache, at + 1)
-    assert rel_err(out, expected) <= TOL[dtype]
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected_k[:, :, live - 1], expected_v[:, :, live - 1] = k[:, :, 0], v[:, :, 0]
+    length = torch.tensor(live - 1, device="cuda")
+    out = kernels.decode_attend(q, k, v, k_cache, v_cache, length)
+    assert length.item() == live
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    assert rel_err(out, model.decode_attention(q, k_cache, v_cache, length)) <= TOL[dtype]
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
