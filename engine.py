@@ -12,7 +12,9 @@ on a GPU and the same step eagerly elsewhere.
 """
 
 import argparse
+import json
 import math
+import os
 import resource
 import sys
 import time
@@ -36,6 +38,14 @@ CONTEXT_MARK = "\x00CONTEXT\x00"  # where the document goes inside a rendered ch
 
 class EngineError(Exception):
     """A request the engine cannot serve; the message says what to change."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while decoding; `generation` holds what was generated until then."""
+
+    def __init__(self, generation):
+        super().__init__()
+        self.generation = generation
 
 
 @dataclass
@@ -191,8 +201,36 @@ def prefill_streaming(model, ids, max_new_tokens):
 
 # ---------------------------------------------------------------------------- the engine
 
-def default_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name):
+    """torch.device for `name` (None: cuda when available), checked against this machine."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        raise EngineError(f"--device {name}: expected cuda, cuda:N or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise EngineError(f"--device {name}: not available ({torch.cuda.device_count()} CUDA GPUs here); "
+                          f"use --device cpu")
+    return device
+
+
+def check_values(method, max_new_tokens, temperature, top_p, top_k, seed, parallel):
+    """Option values that no model can serve."""
+    for bad, message in (
+            (method not in METHODS, f"unknown method {method!r} (choose from {', '.join(METHODS)})"),
+            (max_new_tokens < 1, "--max-new-tokens must be at least 1"),
+            (not 0 <= temperature < math.inf, "--temperature must be 0 (greedy) or a positive number"),
+            (not 0 < top_p <= 1, "--top-p must be in (0, 1]"),
+            (top_k < 0, "--top-k must be 0 (off) or positive"),
+            (seed is not None and not 0 <= seed < 2**64, "--seed must be between 0 and 2**64 - 1"),
+            (parallel.top_k_chunks < 1, "--top-k-chunks must be at least 1"),
+            (parallel.chunk_tokens is not None and parallel.chunk_tokens < 1, "--chunk-tokens must be at least 1"),
+            (parallel.kv_budget is not None and parallel.kv_budget < 1, "--kv-budget must be at least 1")):
+        if bad:
+            raise EngineError(message)
 
 
 def peak_memory(device):
@@ -208,7 +246,7 @@ class Engine:
     def __init__(self, model_dir=None, device=None, dtype=None, log=lambda msg: None):
         if model_dir is None:
             model_dir = ensure_default_model(log)
-        self.device = torch.device(device) if device else default_device()
+        self.device = resolve_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = load_model(model_dir, self.device, self.dtype)
         self.tokenizer = Tokenizer.from_dir(model_dir)
@@ -239,57 +277,77 @@ class Engine:
             last = self.tokenizer.decode(ids[-QUESTION_CAP:])
         return body, last
 
-    def check_options(self, method, max_new_tokens, temperature, top_p, top_k, parallel):
+    def check_options(self, method, max_new_tokens, temperature, top_p, top_k, seed, parallel):
+        check_values(method, max_new_tokens, temperature, top_p, top_k, seed, parallel)
         n_layers, cal = self.model.config.n_layers, parallel.calibration
         for bad, message in (
-                (method not in METHODS, f"unknown method {method!r} (choose from {', '.join(METHODS)})"),
-                (max_new_tokens < 1, "--max-new-tokens must be at least 1"),
                 (method in ("truncate", "streaming") and max_new_tokens + SINK_TOKENS >= self.window,
                  f"--max-new-tokens must leave room for the prompt in the model's {self.window}-token window"),
-                (temperature < 0, "--temperature must be 0 (greedy) or positive"),
-                (not 0 < top_p <= 1, "--top-p must be in (0, 1]"),
-                (top_k < 0, "--top-k must be 0 (off) or positive"),
-                (parallel.top_k_chunks < 1, "--top-k-chunks must be at least 1"),
-                (parallel.chunk_tokens is not None and not 1 <= parallel.chunk_tokens <= self.window,
+                (parallel.chunk_tokens is not None and parallel.chunk_tokens > self.window,
                  f"--chunk-tokens must be between 1 and the model's {self.window}-token window"),
-                (parallel.kv_budget is not None and parallel.kv_budget < 1, "--kv-budget must be at least 1"),
                 (cal is not None and cal.last_layer >= n_layers,
                  f"--calibrate layers must be below the model's {n_layers} layers")):
             if bad:
                 raise EngineError(message)
 
+    def check_prompt(self, method, prompt, max_new_tokens, parallel, asked):
+        """The prompt's tokens exist in the model, and its question fits the trained window; so do
+        the head, the question and the answer together, except under full attention (which
+        extrapolates) and with chunks of a size the user chose. asked: the question is the user's."""
+        vocab, q = self.model.config.vocab_size, len(prompt.question)
+        if max(prompt.ids(), default=0) >= vocab:
+            raise EngineError(f"the tokenizer produced token id {max(prompt.ids())}, outside the model's "
+                              f"{vocab}-token vocabulary: the checkpoint's tokenizer does not match its weights")
+        question = f"the question ({q} tokens)" if asked else \
+            f"the prompt's last paragraph, which stands in for --question ({q} tokens),"
+        if q > self.window:
+            raise EngineError(f"{question} is longer than the model's {self.window}-token window: shorten it")
+        chosen = method == "full" or (method == "parallelcomp" and parallel.chunk_tokens is not None)
+        if not chosen and len(prompt.head) + q + max_new_tokens >= self.window:
+            raise EngineError(f"{question} and --max-new-tokens ({max_new_tokens}) leave no room for context "
+                              f"in the model's {self.window}-token window: shorten the question or lower "
+                              f"--max-new-tokens")
+
     def choose_method(self, method, prompt, max_new_tokens):
+        """auto: full attention when prompt and answer fit the trained window, or when ParallelComp
+        would have no room for context in it; ParallelComp otherwise."""
         if method != "auto":
             return method
-        return "full" if len(prompt.ids()) + max_new_tokens <= self.window else "parallelcomp"
+        fits = len(prompt.ids()) + max_new_tokens <= self.window
+        no_room = len(prompt.head) + len(prompt.question) + max_new_tokens >= self.window
+        return "full" if fits or no_room else "parallelcomp"
 
     # ------------------------------------------------------------------ generate
 
     def generate(self, document, question=None, *, instruction=None, method="auto", max_new_tokens=256,
                  temperature=0.0, top_p=1.0, top_k=0, seed=None, chat=False,
                  parallel=parallelcomp.ParallelCompConfig(), cuda_graph=True, on_text=None, on_progress=None):
-        """Answer `question` about `document` (or continue `document`), streaming text to on_text(str)."""
-        self.check_options(method, max_new_tokens, temperature, top_p, top_k, parallel)
+        """Answer `question` about `document` (or continue `document`), streaming text to on_text(str).
+
+        on_progress(chunks_done, chunks_total, context_tokens_done, seconds) follows ParallelComp's
+        prefill after each batch of chunks. Ctrl-C while decoding raises Interrupted, which carries
+        the Generation so far.
+        """
+        self.check_options(method, max_new_tokens, temperature, top_p, top_k, seed, parallel)
         if not document.strip() and not (question or "").strip():
             raise EngineError("the prompt is empty")
         prompt = self.layout(document, question, instruction, chat)
         method = self.choose_method(method, prompt, max_new_tokens)
-        if method == "parallelcomp" and not prompt.question:
+        asked = bool(prompt.question)
+        if method == "parallelcomp" and not asked:
             document, question = self.split_question(document)
             prompt = self.layout(document, question, instruction, chat)
-        if method == "parallelcomp" and parallel.chunk_tokens is None and \
-                len(prompt.head) + len(prompt.question) + max_new_tokens >= self.window:
-            raise EngineError(f"the question ({len(prompt.question)} tokens) and --max-new-tokens "
-                              f"({max_new_tokens}) leave no room for context in the model's "
-                              f"{self.window}-token window: shorten the question or lower --max-new-tokens")
+        self.check_prompt(method, prompt, max_new_tokens, parallel, asked)
         stats = {"method": method, "prompt_tokens": len(prompt.ids())}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
+        progress = on_progress and (lambda done, total: on_progress(
+            done, total, len(prompt.context) * done // total, time.perf_counter() - start))
         with torch.inference_mode():
             if method == "parallelcomp":
                 result = parallelcomp.prefill(self.model, prompt.head, prompt.context, prompt.question, parallel,
-                                              max_new_tokens, self.tokenizer.bos_id, on_progress)
+                                              max_new_tokens, self.tokenizer.bos_id, progress)
                 cache, logits, position = result.cache, result.logits, result.next_position
                 stats.update(chunks=result.chunks, kept_chunks=[c.index for c in result.kept],
                              kept_spans=[[c.span.start, c.span.stop] for c in result.kept],
@@ -305,7 +363,10 @@ class Engine:
             tokens = self.decode(cache, logits, position, prompt.ids(), max_new_tokens, temperature, top_p,
                                  top_k, seed, cuda_graph, on_text, stats, start)
         stats["peak_memory_bytes"] = peak_memory(self.device)
-        return Generation(self.tokenizer.decode(tokens), tokens, stats)
+        generation = Generation(self.tokenizer.decode(tokens), tokens, stats)
+        if stats["interrupted"]:
+            raise Interrupted(generation)
+        return generation
 
     def decode(self, cache, logits, position, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed,
                cuda_graph, on_text, stats, start):
@@ -322,34 +383,51 @@ class Engine:
         stats["prefill_seconds"] = time.perf_counter() - start
         streamer = StreamDecoder(self.tokenizer, prompt_ids[-8:])
         emit = on_text or (lambda text: None)
-        emit(streamer.push(tokens[0]))
         decode_start = time.perf_counter()
         graph = cuda_graph and self.device.type == "cuda"
-        if max_new_tokens > 1:
-            decoder = Decoder(self.model, cache, tokens[0], position, max_new_tokens, sampler, graph)
-            block = GRAPH_BLOCK if graph else 1
-            while len(tokens) < max_new_tokens:
-                steps = min(block, max_new_tokens - len(tokens))
-                decoder.run(steps)
-                new = decoder.out[len(tokens):len(tokens) + steps].tolist()
-                ended = next((i for i, t in enumerate(new) if t in eos), None)
-                for t in new[:ended]:
-                    tokens.append(t)
-                    emit(streamer.push(t))
-                if ended is not None:
-                    break
+        interrupted = False
+        try:
+            emit(streamer.push(tokens[0]))
+            if max_new_tokens > 1:
+                decoder = Decoder(self.model, cache, tokens[0], position, max_new_tokens, sampler, graph)
+                block = GRAPH_BLOCK if graph else 1
+                while len(tokens) < max_new_tokens:
+                    steps = min(block, max_new_tokens - len(tokens))
+                    decoder.run(steps)
+                    new = decoder.out[len(tokens):len(tokens) + steps].tolist()
+                    ended = next((i for i, t in enumerate(new) if t in eos), None)
+                    for t in new[:ended]:
+                        tokens.append(t)
+                        emit(streamer.push(t))
+                    if ended is not None:
+                        break
+        except KeyboardInterrupt:  # keep what was generated: generate raises Interrupted with it
+            interrupted = True
         emit(streamer.flush())
         elapsed = time.perf_counter() - decode_start
         stats.update(generated_tokens=len(tokens), decode_seconds=elapsed,
-                     decode_tokens_per_second=(len(tokens) - 1) / elapsed if len(tokens) > 1 else 0.0)
+                     decode_tokens_per_second=(len(tokens) - 1) / elapsed if len(tokens) > 1 else 0.0,
+                     interrupted=interrupted)
         return tokens
 
 
 # ---------------------------------------------------------------------------- command line
 
+BAR_WIDTH = 30
+# --json: the answer, its token ids and these statistics (null where a method has none)
+REPORT_STATS = ("method", "prompt_tokens", "chunks", "kept_chunks", "kept_spans", "evicted_tokens",
+                "truncated_tokens", "prefill_seconds", "decode_seconds", "generated_tokens",
+                "decode_tokens_per_second", "peak_memory_bytes", "interrupted")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, not the usage block: --help lists the options."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompt", required=True, help="text file with the document, or - for stdin")
     p.add_argument("--question", help="question about the document (default: its last paragraph when it is long)")
     p.add_argument("--model", help="Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct, fetched on first use)")
@@ -369,18 +447,36 @@ def parse_args(argv):
     p.add_argument("--kv-budget", type=int, help="ParallelComp: context tokens kept per KV head in each chunk")
     p.add_argument("--calibrate", help="ParallelComp: attention calibration REGION:FIRST-LAST, e.g. sink:3-6")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on a GPU, for comparison")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with the answer and the statistics instead of streaming text")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar, summary or download messages (errors still print)")
     return p.parse_args(argv)
 
 
 def read_prompt(path):
+    """The document in file `path` (- for stdin), which must be non-empty UTF-8 text."""
+    name = "from standard input" if path == "-" else path
     try:
         data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except FileNotFoundError:
+        raise EngineError(f"the prompt file {path} does not exist")
+    except IsADirectoryError:
+        raise EngineError(f"the prompt {path} is a directory, not a text file")
     except OSError as e:
         raise EngineError(f"cannot read the prompt {path}: {e.strerror}")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise EngineError(f"the prompt {name} looks like a binary file (NUL byte at byte {nul}), not text")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise EngineError(f"the prompt {path} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})")
+        line = data.count(b"\n", 0, e.start) + 1
+        raise EngineError(f"the prompt {name} is not text: invalid UTF-8 at byte {e.start} (line {line}); "
+                          f"save it as UTF-8")
+    if not text.strip():
+        raise EngineError(f"the prompt {name} is empty")
+    return text
 
 
 def parse_calibration(spec):
@@ -390,30 +486,100 @@ def parse_calibration(spec):
         raise EngineError(str(e))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    log = lambda msg: print(msg, file=sys.stderr)
+class ProgressBar:
+    """Engine.generate's on_progress for a terminal: one line, redrawn in place."""
+
+    def __init__(self, stream):
+        self.stream, self.open = stream, False
+
+    def __call__(self, done, total, tokens, seconds):
+        filled = BAR_WIDTH * done // total
+        rate = tokens / seconds if seconds > 0 else 0.0
+        self.open = done < total
+        self.stream.write(f"\rprefill [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} chunks, "
+                          f"{rate:,.0f} tok/s" + ("" if self.open else "\n"))
+        self.stream.flush()
+
+    def close(self):
+        """End a bar cut short, so that the next message starts on a line of its own."""
+        if self.open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open = False
+
+
+def out_of_memory(error):
+    """A failed allocation: torch.OutOfMemoryError on a GPU, a RuntimeError from the CPU allocator."""
+    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
+
+
+def memory_advice(gpu):
+    return (f"out of {'GPU ' if gpu else ''}memory: lower --max-new-tokens, --chunk-tokens, --top-k-chunks or "
+            f"--kv-budget, or shorten the prompt; or use --dtype bfloat16" + (" or --device cpu" if gpu else ""))
+
+
+def answer(args, log, bar):
+    """Check the options, read the prompt, load the model and generate (streaming to stdout unless --json)."""
+    parallel = parallelcomp.ParallelCompConfig(
+        chunk_tokens=args.chunk_tokens, top_k_chunks=args.top_k_chunks, kv_budget=args.kv_budget,
+        calibration=parse_calibration(args.calibrate))
+    options = dict(method=args.method, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    check_values(**options, parallel=parallel)
+    document = read_prompt(args.prompt)
+    engine = Engine(args.model, args.device, getattr(torch, args.dtype) if args.dtype else None, log)
+    question = "\n\n" + args.question if args.question else None
+    stream = None if args.json else lambda text: (sys.stdout.write(text), sys.stdout.flush())
     try:
-        document = read_prompt(args.prompt)
-        parallel = parallelcomp.ParallelCompConfig(
-            chunk_tokens=args.chunk_tokens, top_k_chunks=args.top_k_chunks, kv_budget=args.kv_budget,
-            calibration=parse_calibration(args.calibrate))
-        dtype = getattr(torch, args.dtype) if args.dtype else None
-        engine = Engine(args.model, args.device, dtype, log)
-        out = lambda text: (sys.stdout.write(text), sys.stdout.flush())
-        question = "\n\n" + args.question if args.question else None
-        result = engine.generate(document, question, method=args.method, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                                 chat=args.chat, parallel=parallel, cuda_graph=not args.no_cuda_graph, on_text=out)
-    except (EngineError, CheckpointError, TokenizerError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        return engine.generate(document, question, **options, chat=args.chat, parallel=parallel,
+                               cuda_graph=not args.no_cuda_graph, on_text=stream, on_progress=bar)
+    finally:
+        if bar:
+            bar.close()
+
+
+def report(generation, args):
+    """The answer's JSON, or the end of its streamed line, on stdout; a summary on stderr."""
+    s = generation.stats
+    if args.json:
+        print(json.dumps({"answer": generation.text, "tokens": generation.tokens,
+                          **{key: s.get(key) for key in REPORT_STATS}}))
+    else:
+        print()
+    if s["interrupted"]:
+        print(f"interrupted after {s['generated_tokens']} tokens", file=sys.stderr)
+    elif not (args.quiet or args.json):
+        print(f"[{s['method']}] prompt {s['prompt_tokens']} tokens, prefill {s['prefill_seconds']:.2f} s, "
+              f"decode {s['generated_tokens']} tokens at {s['decode_tokens_per_second']:.1f} tok/s, "
+              f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
+
+
+def main(argv=None):
+    """Exit status: 0 done, 1 a request that cannot be served (one line on stderr), 2 a malformed
+    command line, 130 Ctrl-C."""
+    args = parse_args(argv)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    bar = ProgressBar(sys.stderr) if sys.stderr.isatty() and not args.quiet else None
+    try:
+        report(answer(args, log, bar), args)
+        return 0
+    except Interrupted as e:
+        report(e.generation, args)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed early (| head): stop, and let the exit's flush write nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    print()
-    s = result.stats
-    log(f"[{s['method']}] prompt {s['prompt_tokens']} tokens, prefill {s['prefill_seconds']:.2f} s, "
-        f"decode {s['generated_tokens']} tokens at {s['decode_tokens_per_second']:.1f} tok/s, "
-        f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB")
-    return 0
+    except (EngineError, CheckpointError, TokenizerError, WeightsError) as e:
+        message = str(e)
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        message = memory_advice(isinstance(e, torch.OutOfMemoryError))
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

