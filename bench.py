@@ -25,7 +25,8 @@ LLAMA3_8B = ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_
                         max_position_embeddings=8192, tie_word_embeddings=False, attention_bias=False,
                         output_bias=False)
 QUESTION_TOKENS = 64
-DECODE_STEPS = 64
+DECODE_STEPS = 256  # the answer budget: cache room for warm-up and timed decode steps
+TIMED_STEPS, REPEATS = 32, 5  # decode: the median of 5 runs of 32 steps, after one warm-up run
 
 
 # ---------------------------------------------------------------------------- physical limits
@@ -110,7 +111,7 @@ def bench_engine(model, context, method, bandwidth, matmul_rate):
         prefill_memory = torch.cuda.max_memory_allocated()
         cached = cache.lens.max().item()
         decoder = Decoder(model, cache, int(logits.argmax()), position, DECODE_STEPS, Sampler(0.0, 0, 1.0, None), True)
-        decode = timed(lambda: decoder.run(DECODE_STEPS // 2 - 1)) / (DECODE_STEPS // 2 - 1)
+        decode = timed(lambda: decoder.run(TIMED_STEPS), REPEATS) / TIMED_STEPS
     decode_bytes = weight_bytes(c) + kv_bytes_per_token(c) * cached
     prefill_floor, decode_floor = flops / matmul_rate, decode_bytes / bandwidth
     return dict(engine="ours", method=method, context=context, **extra,
@@ -151,11 +152,11 @@ def bench_transformers(model, c, context, bandwidth, matmul_rate):
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             start = time.perf_counter()
-            for _ in range(DECODE_STEPS // 2):
+            for _ in range(TIMED_STEPS):
                 out = model(token, past_key_values=past, use_cache=True)
                 past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
-            decode = (time.perf_counter() - start) / (DECODE_STEPS // 2)
+            decode = (time.perf_counter() - start) / TIMED_STEPS
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return dict(row, error="out of memory")

@@ -2,10 +2,10 @@
 
 Decoding one token is launch-bound (engine_notes.md §2.11): inside a CUDA graph every kernel
 costs ~2-3 µs however little it does, and a Llama layer written with PyTorch ops launches ~50.
-These kernels bring a decode layer to 11 launches: residual add + RMSNorm (twice), rotary q/k,
-K/V store, split-KV attention and its merge, SiLU·up, around the four cuBLAS matmuls. model.py uses them for CUDA
-tensors when Triton imports and falls back to its own PyTorch code otherwise; tests/test_kernels.py
-checks each against that code on a GPU.
+These kernels bring a decode layer to 10 launches around the four cuBLAS matmuls: residual add +
+RMSNorm (twice), rotary q/k, split-KV attention that also stores the new K/V, its merge, SiLU·up.
+model.py uses them for CUDA tensors when Triton imports and falls back to its own PyTorch code
+otherwise; tests/test_kernels.py checks each against that code on a GPU.
 """
 
 from functools import cache
@@ -77,17 +77,6 @@ def rotary(qkv, cos, sin, n_heads, n_kv_heads, head_dim):
 
 
 @triton.jit
-def _store_kv(k_ptr, k_stride_b, k_stride_h, v_ptr, v_stride_b, v_stride_h, k_cache, v_cache, at_ptr, capacity,
-              D: tl.constexpr):
-    """Program (b, h): k/v[b, h, 0] -> cache[b, h, at]."""
-    b, h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    d = tl.arange(0, D)
-    at = ((b * tl.num_programs(1) + h) * capacity + tl.load(at_ptr)) * D + d
-    tl.store(k_cache + at, tl.load(k_ptr + b * k_stride_b + h * k_stride_h + d))
-    tl.store(v_cache + at, tl.load(v_ptr + b * v_stride_b + h * v_stride_h + d))
-
-
-@triton.jit
 def _silu_mul(gate_up_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
     row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = block * BLOCK + tl.arange(0, BLOCK)
@@ -107,12 +96,16 @@ def silu_mul(gate_up):
 
 
 @triton.jit
-def _decode_attention_split(q_ptr, q_stride_b, q_stride_h, n_kv_heads, k_cache, v_cache, lens_ptr, capacity, split,
-                            acc_ptr, m_ptr, l_ptr, scale, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                            BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _decode_attention_split(q_ptr, q_stride_b, q_stride_h, k_ptr, k_stride_b, k_stride_h, v_ptr, v_stride_b,
+                            v_stride_h, n_kv_heads, k_cache, v_cache, lens_ptr, capacity, split, acc_ptr, m_ptr, l_ptr,
+                            scale, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                            PRECISION: tl.constexpr):
     """Program (b·h_kv, s): the G query heads of one KV head over keys [s·split, (s+1)·split) ∩ live.
 
-    Writes the unnormalised output, the running max and the sum of exponentials of its part.
+    The live keys are the `lens` cached ones and the new token's, which counts as key `lens`: it
+    comes from k/v, and the program whose part holds that slot writes it to the cache (no program
+    reads the slot from the cache in this launch). Writes the unnormalised output, the running
+    max and the sum of exponentials of its part.
     """
     bh, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
     n_parts = tl.num_programs(1)
@@ -120,21 +113,29 @@ def _decode_attention_split(q_ptr, q_stride_b, q_stride_h, n_kv_heads, k_cache, 
     b, h = bh // n_kv_heads, bh % n_kv_heads
     heads = q_ptr + b * q_stride_b + (h * G + g[:, None]) * q_stride_h + d[None, :]
     q = tl.load(heads, mask=g[:, None] < G, other=0.0)
+    k_new = tl.load(k_ptr + b * k_stride_b + h * k_stride_h + d)
+    v_new = tl.load(v_ptr + b * v_stride_b + h * v_stride_h + d)
+    new = tl.load(lens_ptr)
     start = part * split
-    end = tl.minimum(start + split, tl.load(lens_ptr) + 1)  # the token just stored at `lens` counts
+    end = tl.minimum(start + split, new + 1)
+    base = bh * capacity * D
+    if (start <= new) & (new < start + split):
+        tl.store(k_cache + base + new * D + d, k_new)
+        tl.store(v_cache + base + new * D + d, v_new)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    base = bh * capacity * D
     for n in range(start, end, BLOCK_N):  # parts past the live length run no iteration
         keys = n + tl.arange(0, BLOCK_N)
-        valid = keys < end
-        k = tl.load(k_cache + base + keys[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.where(valid[None, :], tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
+        cached, is_new = (keys < new)[:, None], (keys == new)[:, None]
+        k = tl.load(k_cache + base + keys[:, None] * D + d[None, :], mask=cached, other=0.0)
+        k = tl.where(is_new, k_new[None, :], k)
+        s = tl.where(keys[None, :] < end, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block has a live key
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
-        v = tl.load(v_cache + base + keys[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache + base + keys[:, None] * D + d[None, :], mask=cached, other=0.0)
+        v = tl.where(is_new, v_new[None, :], v)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
@@ -162,8 +163,8 @@ def _decode_attention_merge(acc_ptr, m_ptr, l_ptr, out_ptr, lens_ptr, N_PARTS: t
 
 
 def decode_attend(q, k, v, k_cache, v_cache, length):
-    """Append one token per sequence to the caches and attend to everything cached, in three
-    launches: store, split-KV attention (flash-decoding), merge.
+    """Append one token per sequence to the caches and attend to everything cached, in two
+    launches: split-KV attention (flash-decoding) that also stores the token, and the merge.
 
     q (B, H, 1, D), k and v (B, H_kv, 1, D), each with a unit stride in D; caches (B, H_kv,
     capacity, D); length: 0-dim device tensor of live entries, where the token goes and which
@@ -173,15 +174,14 @@ def decode_attend(q, k, v, k_cache, v_cache, length):
     B, H, _, D = q.shape
     Hkv, capacity = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
-    _store_kv[(B, Hkv)](k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), k_cache, v_cache, length,
-                        capacity, D=D)
     n_parts = min(64, triton.next_power_of_2(triton.cdiv(2 * sm_count(q.device), B * Hkv)))
     block_n = 64
     split = triton.cdiv(triton.cdiv(capacity, n_parts), block_n) * block_n
     acc = torch.empty(B * H * n_parts, D, device=q.device, dtype=torch.float32)
     m = torch.empty(B * H * n_parts, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    _decode_attention_split[(B * Hkv, n_parts)](q, q.stride(0), q.stride(1), Hkv, k_cache, v_cache, length, capacity,
+    _decode_attention_split[(B * Hkv, n_parts)](q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v,
+                                                v.stride(0), v.stride(1), Hkv, k_cache, v_cache, length, capacity,
                                                 split, acc, m, l, D ** -0.5, G=G,
                                                 G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
                                                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
