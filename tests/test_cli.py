@@ -258,12 +258,17 @@ def test_out_of_gpu_memory_message():
 
 # ---------------------------------------------------------------------------- Ctrl-C
 
+def ctrl_c_enabled():
+    """SIGINT as in a terminal: a test run started in the background inherits it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @needs_stories
 def test_ctrl_c_keeps_the_text_so_far_and_exits_130(tmp_path):
     prompt = write(tmp_path / "p.txt", STORY)
     p = subprocess.Popen([sys.executable, "engine.py", "--prompt", prompt, *MODEL, "--method", "full",
                           "--max-new-tokens", "20000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=ENV)
+                         env=ENV, preexec_fn=ctrl_c_enabled)
     first = p.stdout.read1(64)  # the answer is streaming
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
@@ -276,6 +281,7 @@ def test_ctrl_c_keeps_the_text_so_far_and_exits_130(tmp_path):
 @needs_stories
 def test_ctrl_c_with_json_prints_the_partial_answer(tmp_path, capsys):
     prompt = write(tmp_path / "p.txt", STORY)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, even when started ignored
     ctrl_c = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # the decode loop runs for a minute
     ctrl_c.start()
     try:
@@ -283,6 +289,7 @@ def test_ctrl_c_with_json_prints_the_partial_answer(tmp_path, capsys):
                              "--json")
     finally:
         ctrl_c.cancel()
+        signal.signal(signal.SIGINT, handler)
     result = json.loads(out)
     assert code == 130 and result["interrupted"] is True
     assert 1 <= result["generated_tokens"] == len(result["tokens"]) < 20000 and result["answer"]
