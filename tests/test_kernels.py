@@ -45,6 +45,15 @@ def test_rotary(dtype, B, T, H, Hkv, D):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N, K, bias", [(960, 576, False), (576, 1536, True), (77, 1000, False), (3, 4096, True)])
+def test_gemv(dtype, N, K, bias):
+    """One row through the GEMV, K not always a multiple of its block, with and without bias."""
+    layer = torch.nn.Linear(K, N, bias=bias, device="cuda", dtype=dtype)
+    x = torch.randn(1, 1, K, device="cuda", dtype=dtype)
+    assert rel_err(kernels.gemv(x, layer.weight, layer.bias), layer(x)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul(dtype):
     gate_up = torch.randn(3, 1, 2 * 1536 + 2 * 7, device="cuda", dtype=dtype)
     gate, up = gate_up.chunk(2, dim=-1)
