@@ -160,7 +160,7 @@ def gpu_kernels(x, head_dim=16):
 
 def linear(x, layer):
     """layer(x); one token on a GPU goes through the Triton GEMV, which beats cuBLAS at batch 1."""
-    if gpu_kernels(x) and x.numel() == x.shape[-1] and x.is_contiguous():
+    if gpu_kernels(x) and x.numel() == x.shape[-1] and x.is_contiguous() and layer.weight.is_contiguous():
         return kernels.gemv(x, layer.weight, layer.bias)
     return layer(x)
 
