@@ -303,10 +303,14 @@ class Engine:
         if q > self.window:
             raise EngineError(f"{question} is longer than the model's {self.window}-token window: shorten it")
         chosen = method == "full" or (method == "parallelcomp" and parallel.chunk_tokens is not None)
-        if not chosen and len(prompt.head) + q + max_new_tokens >= self.window:
+        if not chosen and self.no_room_for_context(prompt, max_new_tokens):
             raise EngineError(f"{question} and --max-new-tokens ({max_new_tokens}) leave no room for context "
                               f"in the model's {self.window}-token window: shorten the question or lower "
                               f"--max-new-tokens")
+
+    def no_room_for_context(self, prompt, max_new_tokens):
+        """Whether the head, the question and the answer alone fill the trained window."""
+        return len(prompt.head) + len(prompt.question) + max_new_tokens >= self.window
 
     def choose_method(self, method, prompt, max_new_tokens):
         """auto: full attention when prompt and answer fit the trained window, or when ParallelComp
@@ -314,8 +318,7 @@ class Engine:
         if method != "auto":
             return method
         fits = len(prompt.ids()) + max_new_tokens <= self.window
-        no_room = len(prompt.head) + len(prompt.question) + max_new_tokens >= self.window
-        return "full" if fits or no_room else "parallelcomp"
+        return "full" if fits or self.no_room_for_context(prompt, max_new_tokens) else "parallelcomp"
 
     # ------------------------------------------------------------------ generate
 
