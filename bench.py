@@ -18,7 +18,8 @@ import torch
 
 import parallelcomp
 from engine import Decoder, Sampler, prefill_plain
-from model import ModelConfig, build_model, load_model
+from checkpoint import load_model
+from model import ModelConfig, build_model
 
 LLAMA3_8B = ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                         ffn_dim=14336, norm_eps=1e-5, rope_theta=500000.0, rope_scaling=None,

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 import parallelcomp
-from model import CheckpointError, KVCache, apply_rope, load_model
+from checkpoint import CheckpointError, load_model
+from model import KVCache, apply_rope
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from weights.smollm2 import WeightsError, ensure_default_model
 

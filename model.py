@@ -1,4 +1,4 @@
-"""The Llama decoder: config, RoPE, attention, KV cache and the safetensors loader.
+"""The Llama decoder: config, RoPE, attention and the KV cache (checkpoint.py loads weights into it).
 
 Every forward takes explicit positions (ParallelComp restarts them in each chunk) and an
 `attend(layer, q, k, v)` function that decides where keys and values go and what each query
@@ -6,15 +6,12 @@ sees: a static KV cache for plain prefill and decoding, chunk caches and the que
 parallelcomp.py. Keys reach `attend` already rotated, so a cached key keeps its position.
 """
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
@@ -23,22 +20,17 @@ try:
 except ImportError:
     flash_attn_func = None
 try:
-    import kernels  # Triton kernels for CUDA tensors (kernels.py); the PyTorch code here otherwise
+    import llama_triton as kernels  # Triton kernels for CUDA tensors; the PyTorch code here otherwise
 except ImportError:
     kernels = None
+if getattr(kernels, "KERNELS_FOR", None) != "model.py":  # a module of that name that is not ours
+    kernels = None
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 CACHE_ALIGN = 256  # KV cache capacity granularity, in tokens
-ROPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
-             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 # On H100/H200 with torch 2.11, cuDNN attention ran causal prefill about 2x faster than
 # PyTorch's flash backend; SDPA skips backends that cannot take the inputs.
 PREFILL_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                     SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-class CheckpointError(Exception):
-    """A checkpoint directory that cannot be loaded; the message names the file or tensor."""
 
 
 @dataclass(frozen=True)
@@ -57,66 +49,6 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool  # q/k/v biases
     output_bias: bool  # o_proj bias: Llama's attention_bias has one, Qwen2 has none
-
-    @classmethod
-    def from_json(cls, path):
-        path = Path(path)
-        try:
-            hf = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path} not found: a checkpoint directory needs config.json")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path} is not valid JSON ({e})")
-        if not isinstance(hf, dict):
-            raise CheckpointError(f"{path} is not a JSON object")
-        arch = (hf.get("architectures") or ["<none>"])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise CheckpointError(f"{path}: architecture {arch} is not supported "
-                                  f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-        if hf.get("use_sliding_window"):
-            raise CheckpointError(f"{path}: sliding-window attention is not supported")
-        if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
-            raise CheckpointError(f"{path}: only the SwiGLU MLP (hidden_act silu, no mlp_bias) is supported")
-        try:
-            n_heads = int(hf["num_attention_heads"])
-            config = cls(
-                vocab_size=int(hf["vocab_size"]),
-                dim=int(hf["hidden_size"]),
-                n_layers=int(hf["num_hidden_layers"]),
-                n_heads=n_heads,
-                n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-                head_dim=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
-                ffn_dim=int(hf["intermediate_size"]),
-                norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(hf.get("rope_theta", 10000.0)),
-                rope_scaling=hf.get("rope_scaling"),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
-                output_bias=arch == "LlamaForCausalLM" and bool(hf.get("attention_bias", False)),
-            )
-        except KeyError as e:
-            raise CheckpointError(f"{path}: missing key {e.args[0]}")
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: bad value ({e})")
-        config.validate(path)
-        return config
-
-    def validate(self, path):
-        sizes = (self.vocab_size, self.dim, self.n_layers, self.n_heads, self.n_kv_heads,
-                 self.head_dim, self.ffn_dim, self.max_position_embeddings)
-        if min(sizes) <= 0 or self.n_heads % self.n_kv_heads or self.head_dim % 2:
-            raise CheckpointError(f"{path}: inconsistent sizes (heads {self.n_heads}, "
-                                  f"KV heads {self.n_kv_heads}, head_dim {self.head_dim})")
-        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
-            raise CheckpointError(f"{path}: rope_scaling must be an object or null")
-        if self.rope_type not in ROPE_KEYS:
-            raise CheckpointError(f"{path}: rope_scaling type {self.rope_type!r} is not "
-                                  f"supported (supported: {', '.join(ROPE_KEYS)})")
-        missing = [k for k in ROPE_KEYS[self.rope_type] if not isinstance(self.rope_scaling.get(k), (int, float))]
-        if missing:
-            raise CheckpointError(f"{path}: rope_scaling of type {self.rope_type} needs a number for "
-                                  f"{', '.join(missing)}")
 
     @property
     def rope_type(self):
@@ -227,13 +159,15 @@ class KVCache:
     cuBLAS off its tensor-core kernels ([H200] 2-3x slower decode).
     """
 
-    def __init__(self, config, batch, capacity, device, dtype):
+    def __init__(self, config, batch, capacity, device, dtype, raw_keys=False):
         capacity = -(-capacity // CACHE_ALIGN) * CACHE_ALIGN
         shape = (config.n_layers, batch, config.n_kv_heads, capacity, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k_raw = torch.zeros(shape, device=device, dtype=dtype) if raw_keys else None  # keys before RoPE
         self.lens = torch.zeros(config.n_layers, device=device, dtype=torch.long)
         self.capacity = capacity
+        self.kv_split = (config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim)
 
     def prefill_attend(self, start):
         """An `attend` for tokens that follow `start` cached ones: write them, attend causally."""
@@ -244,6 +178,27 @@ class KVCache:
             self.lens[layer] = end
             return attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end])
         return attend
+
+    def store_raw_keys(self, start):
+        """An `observe` for tokens written from slot `start` on: keeps their keys before RoPE."""
+        def observe(layer, qkv):
+            B, T, _ = qkv.shape
+            q_size, kv_size = self.kv_split
+            k = qkv[..., q_size:q_size + kv_size].view(B, T, self.k.shape[2], -1).transpose(1, 2)
+            self.k_raw[layer, :, :, start:start + T] = k
+        return observe
+
+    def compact(self, keep, inv_freq):
+        """Keep, in each layer and KV head, the sorted slots keep (L, H_kv, n), moved to slots
+        0..n-1 with RoPE positions 0..n-1 (batch 1). Cached keys are rotated anew from the raw
+        ones, so a key stays exact through any number of compactions."""
+        n = keep.shape[-1]
+        index = keep[:, None, :, :, None].expand(-1, 1, -1, -1, self.k.shape[-1])
+        self.v[:, :, :, :n] = self.v.gather(3, index)
+        self.k_raw[:, :, :, :n] = self.k_raw.gather(3, index)
+        angles = torch.arange(n, device=keep.device)[:, None].float() * inv_freq  # (n, D/2)
+        self.k[:, :, :, :n] = apply_rope(self.k_raw[:, :, :, :n], angles.cos(), angles.sin())
+        self.lens.fill_(n)
 
     def decode_attend(self, layer, q, k, v):
         """An `attend` for one new token per sequence, written at lens[layer] (graph-safe)."""
@@ -286,9 +241,11 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, q_size + 2 * kv_size, bias=config.attention_bias)
         self.wo = nn.Linear(q_size, config.dim, bias=config.output_bias)
 
-    def forward(self, x, cos, sin, attend):
+    def forward(self, x, cos, sin, attend, observe):
         B, T, _ = x.shape
         qkv = linear(x, self.wqkv)
+        if observe is not None:
+            observe(qkv)
         q, k, v = qkv.split(self.split, dim=-1)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         if gpu_kernels(qkv, self.head_dim):
@@ -322,11 +279,11 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, delta, cos, sin, attend):
+    def forward(self, x, delta, cos, sin, attend, observe):
         """Adds `delta`, the block before's output, to the residual stream x in place; returns
         this block's MLP output, which the next norm adds in turn."""
         h = self.attn_norm(x, delta)
-        h = self.mlp_norm(x, self.attn(h, cos, sin, attend))
+        h = self.mlp_norm(x, self.attn(h, cos, sin, attend, observe))
         return self.mlp(h)
 
 
@@ -340,10 +297,12 @@ class Llama(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
 
-    def forward(self, tokens, positions, attend):
+    def forward(self, tokens, positions, attend, observe=None):
         """tokens, positions (B, T) -> final-norm hidden states (B, T, dim).
 
         attend(layer, q, k, v) -> (B, H, T, D) receives rotated q (B, H, T, D) and k, v (B, H_kv, T, D).
+        observe(layer, qkv), when given, sees each layer's fused projection (B, T, (H + 2 H_kv) D)
+        before RoPE: the raw keys that a compacted cache re-rotates, what trained scorers read.
         """
         inv_freq = self.inv_freq
         if self.config.rope_type == "dynamic":
@@ -353,108 +312,35 @@ class Llama(nn.Module):
         x = self.embed(tokens).float()  # the residual stream stays in float32 whatever the weights' dtype
         delta = None
         for i, layer in enumerate(self.layers):
-            delta = layer(x, delta, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v))
+            delta = layer(x, delta, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v),
+                          observe and (lambda qkv, i=i: observe(i, qkv)))
         return self.norm(x, delta)
+
+    @property
+    def device(self):
+        return self.embed.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed.weight.dtype
+
+    def causal_logits(self, tokens):
+        """Logits (B, T, vocab) in float32 of plain causal attention at positions 0..T-1, no cache."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return self.logits(self(tokens, positions, lambda layer, q, k, v: attention(q, k, v)))
+
+    def prefill_bytes_per_token(self):
+        """Memory a prefilled token takes: its K/V in every layer, plus one layer's activations
+        (RoPE in float32) while it is encoded."""
+        c, b = self.config, self.embed.weight.element_size()
+        qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+        return 2 * c.n_layers * c.n_kv_heads * c.head_dim * b + b * (6 * c.dim + 3 * qkv + 4 * c.ffn_dim) + 8 * qkv
 
     def logits(self, hidden):
         """(..., dim) -> float32 (..., vocab): call it only where a token is sampled or scored."""
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         flat = hidden.reshape(1, -1, hidden.shape[-1])
         return matmul_f32(flat, weight.t()[None]).view(*hidden.shape[:-1], -1)
-
-
-# ---------------------------------------------------------------------------- loading
-
-def checkpoint_tensors(config):
-    """Hugging Face tensor name -> (parameter name, row slice into a fused parameter, shape)."""
-    H, Hkv, D, dim, ffn = config.n_heads, config.n_kv_heads, config.head_dim, config.dim, config.ffn_dim
-    q, kv = H * D, Hkv * D
-    names = {"model.embed_tokens.weight": ("embed.weight", None, (config.vocab_size, dim)),
-             "model.norm.weight": ("norm.weight", None, (dim,))}
-    if not config.tie_word_embeddings:
-        names["lm_head.weight"] = ("lm_head.weight", None, (config.vocab_size, dim))
-    for i in range(config.n_layers):
-        hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        names[hf + "input_layernorm.weight"] = (ours + "attn_norm.weight", None, (dim,))
-        names[hf + "post_attention_layernorm.weight"] = (ours + "mlp_norm.weight", None, (dim,))
-        for proj, rows in (("q", slice(0, q)), ("k", slice(q, q + kv)), ("v", slice(q + kv, q + 2 * kv))):
-            size = rows.stop - rows.start
-            names[f"{hf}self_attn.{proj}_proj.weight"] = (ours + "attn.wqkv.weight", rows, (size, dim))
-            if config.attention_bias:
-                names[f"{hf}self_attn.{proj}_proj.bias"] = (ours + "attn.wqkv.bias", rows, (size,))
-        names[hf + "self_attn.o_proj.weight"] = (ours + "attn.wo.weight", None, (dim, q))
-        if config.output_bias:
-            names[hf + "self_attn.o_proj.bias"] = (ours + "attn.wo.bias", None, (dim,))
-        names[hf + "mlp.gate_proj.weight"] = (ours + "mlp.w_gate_up.weight", slice(0, ffn), (ffn, dim))
-        names[hf + "mlp.up_proj.weight"] = (ours + "mlp.w_gate_up.weight", slice(ffn, 2 * ffn), (ffn, dim))
-        names[hf + "mlp.down_proj.weight"] = (ours + "mlp.w_down.weight", None, (dim, ffn))
-    return names
-
-
-def ignored_tensor(name, config):
-    """Tensors some checkpoints carry that the model does not use."""
-    return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
-
-
-def safetensors_files(path):
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid index ({e})")
-        return sorted({path / f for f in weight_map.values()})
-    if (path / "model.safetensors").exists():
-        return [path / "model.safetensors"]
-    raise CheckpointError(f"{path}: no model.safetensors (or sharded model-*.safetensors "
-                          f"with model.safetensors.index.json)")
-
-
-def load_weights(model, files):
-    """Copy each checkpoint tensor into its (possibly fused) parameter, one tensor at a time."""
-    expected = checkpoint_tensors(model.config)
-    params = dict(model.named_parameters())
-    device = next(model.parameters()).device
-    loaded = set()
-    for file in files:
-        try:
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for name in f.keys():
-                    if ignored_tensor(name, model.config):
-                        continue
-                    if name not in expected:
-                        raise CheckpointError(f"{file.name}: unexpected tensor {name}")
-                    param_name, rows, shape = expected[name]
-                    tensor = f.get_tensor(name)
-                    if tuple(tensor.shape) != shape:
-                        raise CheckpointError(f"{file.name}: tensor {name} has shape "
-                                              f"{tuple(tensor.shape)}, expected {shape}")
-                    if not tensor.is_floating_point():
-                        raise CheckpointError(f"{file.name}: tensor {name} has dtype "
-                                              f"{tensor.dtype}, expected a floating-point type")
-                    target = params[param_name].data
-                    (target if rows is None else target[rows]).copy_(tensor)
-                    loaded.add(name)
-        except FileNotFoundError:
-            raise CheckpointError(f"{file} not found")
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e})")
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"{files[0].parent}: missing tensors {', '.join(missing[:3])}{more}")
-
-
-def load_model(path, device, dtype):
-    """A Hugging Face Llama checkpoint directory -> Llama in eval mode on `device` in `dtype`."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory")
-    config = ModelConfig.from_json(path / "config.json")
-    files = safetensors_files(path)
-    model = build_model(config, device, dtype)
-    load_weights(model, files)
-    return model
 
 
 def build_model(config, device, dtype):

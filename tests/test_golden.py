@@ -17,7 +17,8 @@ if not SHARED.is_dir():
                 allow_module_level=True)
 
 from engine import Engine  # noqa: E402
-from model import KVCache, load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from model import KVCache  # noqa: E402
 
 STORIES = SHARED / "models" / "stories260K"
 BOOK = SHARED / "data" / "books" / "pride_and_prejudice.txt"

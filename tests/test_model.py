@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model import KVCache, load_model
+from checkpoint import load_model
+from model import KVCache
 from reference import load_float64, ref_forward, ref_head_dim, ref_inv_freq, ref_rope_type, rel_err
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"

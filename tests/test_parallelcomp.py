@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import parallelcomp
 from engine import Engine
-from model import load_model
+from checkpoint import load_model
 from parallelcomp import Calibration, ChunkCache, ParallelCompConfig, chunk_spans
 from reference import load_float64, ref_forward, rel_err
 from tokenizer import Tokenizer

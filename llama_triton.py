@@ -5,7 +5,8 @@ costs ~2-3 µs however little it does, and a Llama layer written with PyTorch op
 These kernels bring a decode layer to 10 launches: the four projections as GEMVs, residual add +
 RMSNorm (twice), rotary q/k, split-KV attention that also stores the new K/V, its merge, SiLU·up.
 model.py uses them for CUDA tensors when Triton imports and falls back to its own PyTorch code
-otherwise; tests/test_kernels.py checks each against that code on a GPU.
+otherwise; tests/test_kernels.py checks each against that code on a GPU. The module's name is one
+no PyPI package uses, and model.py checks KERNELS_FOR before it trusts a module of that name.
 """
 
 from functools import cache
@@ -13,6 +14,8 @@ from functools import cache
 import torch
 import triton
 import triton.language as tl
+
+KERNELS_FOR = "model.py"
 
 
 def supports(head_dim):

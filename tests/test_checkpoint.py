@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model import SUPPORTED_ARCHITECTURES, CheckpointError, KVCache, load_model
+from checkpoint import SUPPORTED_ARCHITECTURES, CheckpointError, load_model
+from model import KVCache
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 61, "hidden_size": 32,

@@ -1,4 +1,4 @@
-"""kernels.py on a GPU: each Triton kernel against model.py's PyTorch code on fresh random inputs,
+"""llama_triton.py on a GPU: each Triton kernel against model.py's PyTorch code on fresh random inputs,
 and the whole CUDA model (kernels, SDPA, cuBLAS) in float32 against the float64 reference.
 
 Skipped without CUDA and Triton (CI); run on the GPU machine.
@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import model
+from checkpoint import load_model
 from reference import ref_forward, rel_err
 from test_model import CONFIGS, Case, usable_length
 
-kernels = pytest.importorskip("kernels") if torch.cuda.is_available() else None
+kernels = pytest.importorskip("llama_triton") if torch.cuda.is_available() else None
 pytestmark = pytest.mark.skipif(kernels is None, reason="needs a CUDA GPU and Triton")
 DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -84,7 +85,7 @@ def test_decode_attend(dtype, H, Hkv, D, capacity, live):
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def gpu_case(request, tmp_path_factory):
     case = Case(request.param, tmp_path_factory)
-    case.model = model.load_model(case.dir, "cuda", torch.float32)
+    case.model = load_model(case.dir, "cuda", torch.float32)
     return case
 
 

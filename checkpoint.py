@@ -1,0 +1,176 @@
+"""Hugging Face Llama checkpoints: config.json -> ModelConfig, safetensors -> the model's fused parameters.
+
+    model = load_model("path/to/checkpoint", "cuda", torch.bfloat16)
+
+Weights are read with `safetensors` one tensor at a time, straight into the (possibly fused)
+parameters of model.py's Llama; every problem is a CheckpointError naming the file or tensor.
+"""
+
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from model import ModelConfig, build_model
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+ROPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that cannot be loaded; the message names the file or tensor."""
+
+
+def read_config(path):
+    """config.json of a Hugging Face Llama or Qwen2 checkpoint -> ModelConfig; CheckpointError names what is wrong."""
+    path = Path(path)
+    try:
+        hf = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found: a checkpoint directory needs config.json")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})")
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    arch = (hf.get("architectures") or ["<none>"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(f"{path}: architecture {arch} is not supported "
+                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    if hf.get("use_sliding_window"):
+        raise CheckpointError(f"{path}: sliding-window attention is not supported")
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
+        raise CheckpointError(f"{path}: only the SwiGLU MLP (hidden_act silu, no mlp_bias) is supported")
+    try:
+        n_heads = int(hf["num_attention_heads"])
+        config = ModelConfig(
+            vocab_size=int(hf["vocab_size"]),
+            dim=int(hf["hidden_size"]),
+            n_layers=int(hf["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
+            ffn_dim=int(hf["intermediate_size"]),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_scaling=hf.get("rope_scaling"),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            output_bias=arch == "LlamaForCausalLM" and bool(hf.get("attention_bias", False)),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing key {e.args[0]}")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad value ({e})")
+    check_config(config, path)
+    return config
+
+
+def check_config(c, path):
+    sizes = (c.vocab_size, c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim,
+             c.max_position_embeddings)
+    if min(sizes) <= 0 or c.n_heads % c.n_kv_heads or c.head_dim % 2:
+        raise CheckpointError(f"{path}: inconsistent sizes (heads {c.n_heads}, "
+                              f"KV heads {c.n_kv_heads}, head_dim {c.head_dim})")
+    if c.rope_scaling is not None and not isinstance(c.rope_scaling, dict):
+        raise CheckpointError(f"{path}: rope_scaling must be an object or null")
+    if c.rope_type not in ROPE_KEYS:
+        raise CheckpointError(f"{path}: rope_scaling type {c.rope_type!r} is not "
+                              f"supported (supported: {', '.join(ROPE_KEYS)})")
+    missing = [k for k in ROPE_KEYS[c.rope_type] if not isinstance(c.rope_scaling.get(k), (int, float))]
+    if missing:
+        raise CheckpointError(f"{path}: rope_scaling of type {c.rope_type} needs a number for "
+                              f"{', '.join(missing)}")
+
+
+def checkpoint_tensors(config):
+    """Hugging Face tensor name -> (parameter name, row slice into a fused parameter, shape)."""
+    H, Hkv, D, dim, ffn = config.n_heads, config.n_kv_heads, config.head_dim, config.dim, config.ffn_dim
+    q, kv = H * D, Hkv * D
+    names = {"model.embed_tokens.weight": ("embed.weight", None, (config.vocab_size, dim)),
+             "model.norm.weight": ("norm.weight", None, (dim,))}
+    if not config.tie_word_embeddings:
+        names["lm_head.weight"] = ("lm_head.weight", None, (config.vocab_size, dim))
+    for i in range(config.n_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        names[hf + "input_layernorm.weight"] = (ours + "attn_norm.weight", None, (dim,))
+        names[hf + "post_attention_layernorm.weight"] = (ours + "mlp_norm.weight", None, (dim,))
+        for proj, rows in (("q", slice(0, q)), ("k", slice(q, q + kv)), ("v", slice(q + kv, q + 2 * kv))):
+            size = rows.stop - rows.start
+            names[f"{hf}self_attn.{proj}_proj.weight"] = (ours + "attn.wqkv.weight", rows, (size, dim))
+            if config.attention_bias:
+                names[f"{hf}self_attn.{proj}_proj.bias"] = (ours + "attn.wqkv.bias", rows, (size,))
+        names[hf + "self_attn.o_proj.weight"] = (ours + "attn.wo.weight", None, (dim, q))
+        if config.output_bias:
+            names[hf + "self_attn.o_proj.bias"] = (ours + "attn.wo.bias", None, (dim,))
+        names[hf + "mlp.gate_proj.weight"] = (ours + "mlp.w_gate_up.weight", slice(0, ffn), (ffn, dim))
+        names[hf + "mlp.up_proj.weight"] = (ours + "mlp.w_gate_up.weight", slice(ffn, 2 * ffn), (ffn, dim))
+        names[hf + "mlp.down_proj.weight"] = (ours + "mlp.w_down.weight", None, (dim, ffn))
+    return names
+
+
+def ignored_tensor(name, config):
+    """Tensors some checkpoints carry that the model does not use."""
+    return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+
+
+def safetensors_files(path):
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid index ({e})")
+        return sorted({path / f for f in weight_map.values()})
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    raise CheckpointError(f"{path}: no model.safetensors (or sharded model-*.safetensors "
+                          f"with model.safetensors.index.json)")
+
+
+def load_weights(model, files):
+    """Copy each checkpoint tensor into its (possibly fused) parameter, one tensor at a time."""
+    expected = checkpoint_tensors(model.config)
+    params = dict(model.named_parameters())
+    device = next(model.parameters()).device
+    loaded = set()
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    if ignored_tensor(name, model.config):
+                        continue
+                    if name not in expected:
+                        raise CheckpointError(f"{file.name}: unexpected tensor {name}")
+                    param_name, rows, shape = expected[name]
+                    tensor = f.get_tensor(name)
+                    if tuple(tensor.shape) != shape:
+                        raise CheckpointError(f"{file.name}: tensor {name} has shape "
+                                              f"{tuple(tensor.shape)}, expected {shape}")
+                    if not tensor.is_floating_point():
+                        raise CheckpointError(f"{file.name}: tensor {name} has dtype "
+                                              f"{tensor.dtype}, expected a floating-point type")
+                    target = params[param_name].data
+                    (target if rows is None else target[rows]).copy_(tensor)
+                    loaded.add(name)
+        except FileNotFoundError:
+            raise CheckpointError(f"{file} not found")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})")
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{files[0].parent}: missing tensors {', '.join(missing[:3])}{more}")
+
+
+def load_model(path, device, dtype):
+    """A Hugging Face Llama checkpoint directory -> Llama in eval mode on `device` in `dtype`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory")
+    config = read_config(path / "config.json")
+    files = safetensors_files(path)
+    model = build_model(config, device, dtype)
+    load_weights(model, files)
+    return model

@@ -1,0 +1,90 @@
+"""What every prefill method shares: the prompt's token layout, the result a prefill returns and
+the error a bad option raises.
+
+A method is a module with a frozen config dataclass, whose fields are declared with `option`, and
+
+    prefill(model, prompt, config, answer_budget, on_progress=None) -> Prefilled
+
+which encodes the prompt into a KV cache with room for `answer_budget` generated tokens. The
+table in methods.py names the methods; the decode loop (decoding.py) continues from any Prefilled.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from model import KVCache
+
+PREFILL_PIECE = {"cuda": 8192, "cpu": 2048}  # tokens per causal-prefill forward
+
+
+class OptionError(ValueError):
+    """A bad option value. str() names the option as the Python API does (`top_k_chunks must be
+    at least 1`); named(flag) as another caller does (`--top-k-chunks must be at least 1`)."""
+
+    def __init__(self, param, template):
+        self.param, self.template = param, template  # template: the message with {} for the name
+        super().__init__(template.format(param))
+
+    def named(self, name):
+        return self.template.format(name)
+
+
+def option(default, help, parse=None, flag=None, metavar=None):
+    """A config field with what the command line needs: its help, how to parse a value (int,
+    float, str or a parser raising ValueError; default: the type of `default`) and, when it
+    differs from --field-name, its flag."""
+    return field(default=default, metadata=dict(help=help, parse=parse or type(default), flag=flag, metavar=metavar))
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The token layout every method reads: [head][context][question].
+
+    head precedes the context (BOS, chat-template head, instruction; ParallelComp repeats it in
+    every chunk); question is the question block (BOS + question, chat-template tail), empty for
+    a plain continuation. eos_ids: the end-of-turn tokens, which a question's score ignores.
+    """
+    head: list[int]
+    context: list[int]
+    question: list[int]
+    bos_id: int | None = None
+    eos_ids: frozenset = frozenset()
+
+    def ids(self):
+        return self.head + self.context + self.question
+
+
+@dataclass
+class Prefilled:
+    """A prompt encoded by some method, ready for the decode loop.
+
+    stats: what the method reports (see its module), and `forwards`, a list of [tokens, keys]
+    for every sequence the method ran through the model (tokens new queries after keys - tokens
+    cached ones), with `scored_tokens`, the rows sent through the LM head: the benchmark counts
+    FLOPs from them.
+    """
+    cache: KVCache  # the prompt as the method kept it, with room for the answer
+    logits: torch.Tensor  # (vocab,) float32 at the prompt's last token
+    next_position: int  # RoPE position of the first generated token
+    stats: dict
+
+
+def causal_prefill(model, ids, answer_budget):
+    """Plain causal prefill of `ids` at positions 0..T-1 into a new cache with room for the
+    answer: (cache, logits (vocab,) at the last token)."""
+    cache = KVCache(model.config, 1, len(ids) + answer_budget, model.device, model.dtype)
+    return cache, extend(model, cache, ids, 0)
+
+
+def extend(model, cache, ids, position):
+    """Append `ids` after the cache's live entries, causally, at positions position.., in pieces
+    of PREFILL_PIECE tokens; returns the logits (vocab,) at the last one."""
+    tokens = torch.tensor([ids], device=model.device)
+    start = int(cache.lens[0])
+    piece = PREFILL_PIECE.get(model.device.type, PREFILL_PIECE["cuda"])
+    for a in range(0, len(ids), piece):
+        b = min(a + piece, len(ids))
+        positions = torch.arange(position + a, position + b, device=model.device)[None]
+        hidden = model(tokens[:, a:b], positions, cache.prefill_attend(start + a))
+    return model.logits(hidden[0, -1])
