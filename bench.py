@@ -16,10 +16,11 @@ import time
 
 import torch
 
-import parallelcomp
-from engine import Decoder, Sampler, prefill_plain
 from checkpoint import load_model
+from decoding import Decoder, SamplingParams
+from methods import METHODS, add_options, parse_specs
 from model import ModelConfig, build_model
+from prefill import Prompt
 
 LLAMA3_8B = ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                         ffn_dim=14336, norm_eps=1e-5, rope_theta=500000.0, rope_scaling=None,
@@ -78,46 +79,40 @@ def kv_bytes_per_token(c, element=2):
 
 # ---------------------------------------------------------------------------- our engine
 
-def run_prefill(model, method, ids, question):
-    """Returns (cache, logits, next position, FLOPs, extra stats)."""
-    c = model.config
-    if method == "full":
-        cache, logits, position = prefill_plain(model, ids + question, DECODE_STEPS)
-        return cache, logits, position, forward_flops(c, len(ids) + len(question), len(ids) + len(question)), {}
-    config = parallelcomp.ParallelCompConfig()
-    res = parallelcomp.prefill(model, [], ids, question, config, DECODE_STEPS, bos_id=None)
-    chunk = parallelcomp.default_chunk_tokens(c.max_position_embeddings, 0, len(question), DECODE_STEPS)
-    spans = parallelcomp.chunk_spans(len(ids), chunk)
-    S = res.cache.lens[0].item() - len(question)
-    flops = sum(forward_flops(c, len(s) + len(question), len(s) + len(question)) for s in spans)
-    flops += 2 * len(spans) * len(question) * c.vocab_size * c.dim + forward_flops(c, len(question), S + len(question))
-    return res.cache, res.logits, res.next_position, flops, {"chunks": res.chunks, "cache_tokens": S + len(question)}
+def prefill_flops(c, stats):
+    """FLOPs of a prefill from what it reports: its forwards and the rows it sent through the LM head."""
+    return sum(forward_flops(c, tokens, keys) for tokens, keys in stats["forwards"]) \
+        + 2 * stats["scored_tokens"] * c.vocab_size * c.dim
 
 
-def bench_engine(model, context, method, bandwidth, matmul_rate):
+def bench_engine(model, context, label, method, config, bandwidth, matmul_rate):
     c = model.config
     gen = torch.Generator().manual_seed(context)
     ids = torch.randint(0, c.vocab_size, (context,), generator=gen).tolist()
-    question = ids[-QUESTION_TOKENS:]
-    ids = ids[:-QUESTION_TOKENS]
+    prompt = Prompt([], ids[:-QUESTION_TOKENS], ids[-QUESTION_TOKENS:])
+    prefill = METHODS[method].prefill
     with torch.inference_mode():
-        run_prefill(model, method, ids[:4096], question)  # warm-up: cuDNN plans, cuBLAS handles
+        warm_up = Prompt([], prompt.context[:4096], prompt.question)  # cuDNN plans, cuBLAS handles
+        prefill(model, warm_up, config, DECODE_STEPS)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        cache, logits, position, flops, extra = run_prefill(model, method, ids, question)
+        prefilled = prefill(model, prompt, config, DECODE_STEPS)
         torch.cuda.synchronize()
-        prefill = time.perf_counter() - start
+        seconds = time.perf_counter() - start
         prefill_memory = torch.cuda.max_memory_allocated()
-        cached = cache.lens.max().item()
-        decoder = Decoder(model, cache, int(logits.argmax()), position, DECODE_STEPS, Sampler(0.0, 0, 1.0, None), True)
+        cached = prefilled.cache.lens.max().item()
+        decoder = Decoder(model, prefilled.cache, int(prefilled.logits.argmax()), prefilled.next_position,
+                          DECODE_STEPS, SamplingParams().sampler("cuda"), True)
         decode = timed(lambda: decoder.run(TIMED_STEPS), REPEATS) / TIMED_STEPS
+    flops = prefill_flops(c, prefilled.stats)
+    extra = {k: prefilled.stats[k] for k in ("chunks",) if k in prefilled.stats}
     decode_bytes = weight_bytes(c) + kv_bytes_per_token(c) * cached
     prefill_floor, decode_floor = flops / matmul_rate, decode_bytes / bandwidth
-    return dict(engine="ours", method=method, context=context, **extra,
-                prefill_s=prefill, prefill_tok_s=context / prefill, prefill_floor_s=prefill_floor,
-                prefill_ratio=prefill_floor / prefill, prefill_tflops=flops / prefill / 1e12,
+    return dict(engine="ours", method=label, context=context, **extra, cache_tokens=cached,
+                prefill_s=seconds, prefill_tok_s=context / seconds, prefill_floor_s=prefill_floor,
+                prefill_ratio=prefill_floor / seconds, prefill_tflops=flops / seconds / 1e12,
                 decode_ms=decode * 1e3, decode_tok_s=1 / decode, decode_floor_ms=decode_floor * 1e3,
                 decode_ratio=decode_floor / decode, peak_gib=prefill_memory / 2 ** 30)
 
@@ -189,10 +184,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("smollm2", "llama3-8b", "both"), default="both")
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
-    p.add_argument("--methods", nargs="+", default=["full", "parallelcomp"])
+    p.add_argument("--methods", nargs="+", default=["full", "parallelcomp"], metavar="METHOD[:FLAG=VALUE,...]",
+                   help="methods of the table, each in the settings after its colon")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--out", default="bench.json")
+    add_options(p)
     args = p.parse_args()
+    try:
+        runs = parse_specs(args.methods, args)
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
     bandwidth, matmul_rate = measure_limits()
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s")
     rows = []
@@ -208,8 +209,9 @@ def main():
             for param in model.parameters():
                 param.normal_(0, 0.02, generator=gen)
         for context in args.contexts:
-            for method in args.methods:
-                rows.append(dict(model=name, **bench_engine(model, context, method, bandwidth, matmul_rate)))
+            for label, (method, config) in runs.items():
+                rows.append(dict(model=name, **bench_engine(model, context, label, method, config, bandwidth,
+                                                            matmul_rate)))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
         config = model.config
         del model

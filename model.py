@@ -171,13 +171,18 @@ class KVCache:
 
     def prefill_attend(self, start):
         """An `attend` for tokens that follow `start` cached ones: write them, attend causally."""
-        def attend(layer, q, k, v):
-            end = start + k.shape[2]
-            self.k[layer, :, :, start:end] = k
-            self.v[layer, :, :, start:end] = v
-            self.lens[layer] = end
-            return attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end])
-        return attend
+        return lambda layer, q, k, v: self.write_attend(layer, start, q, k, v)
+
+    def append_attend(self, layer, q, k, v):
+        """An `attend` for tokens after each layer's own live entries (they differ after calibration)."""
+        return self.write_attend(layer, int(self.lens[layer]), q, k, v)
+
+    def write_attend(self, layer, start, q, k, v):
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        self.lens[layer] = end
+        return attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end])
 
     def store_raw_keys(self, start):
         """An `observe` for tokens written from slot `start` on: keeps their keys before RoPE."""

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from model import KVCache, attention, scores_f32
+from prefill import OptionError, Prefilled, option
 
 OBSERVATION_WINDOW = 8  # last question tokens whose attention scores a chunk's tokens (KV eviction)
 POOL_KERNEL = 7  # KV eviction max-pools scores over neighbours so kept tokens come in runs
@@ -51,17 +52,34 @@ class Calibration:
         """'sink:3-6' -> Calibration('sink', 3, 6)."""
         m = re.fullmatch(r"(\w+):(\d+)-(\d+)", spec)
         if not m or m[1] not in REGIONS or int(m[2]) > int(m[3]):
-            raise ValueError(f"--calibrate {spec!r}: expected REGION:FIRST-LAST with REGION one of "
+            raise ValueError(f"{spec!r}: expected REGION:FIRST-LAST with REGION one of "
                              f"{', '.join(REGIONS)} and FIRST <= LAST, e.g. sink:3-6")
         return cls(m[1], int(m[2]), int(m[3]))
 
 
 @dataclass(frozen=True)
 class ParallelCompConfig:
-    chunk_tokens: int | None = None  # context tokens per chunk; None: what the window leaves
-    top_k_chunks: int = 3
-    kv_budget: int | None = None  # context tokens kept per KV head in each chunk; None: no KV eviction
-    calibration: Calibration | None = None
+    chunk_tokens: int | None = option(None, "context tokens per chunk (default: what the trained window leaves "
+                                      "after the head, the question and the answer)", parse=int)
+    top_k_chunks: int = option(3, "chunks kept (chunk eviction; the original keeps 1 for retrieval)")
+    kv_budget: int | None = option(None, "context tokens kept per KV head in each chunk (parallel KV-cache "
+                                   "eviction; default: off)", parse=int)
+    calibration: Calibration | None = option(None, "attention calibration in layers FIRST..LAST of the query "
+                                             "pass, e.g. sink:3-6 (default: off)", parse=Calibration.parse,
+                                             flag="--calibrate", metavar="REGION:FIRST-LAST")
+
+    def validate(self, model_config):
+        window, n_layers = model_config.max_position_embeddings, model_config.n_layers
+        for bad, param, message in (
+                (self.top_k_chunks < 1, "top_k_chunks", "{} must be at least 1"),
+                (self.chunk_tokens is not None and self.chunk_tokens < 1, "chunk_tokens", "{} must be at least 1"),
+                (self.chunk_tokens is not None and self.chunk_tokens > window, "chunk_tokens",
+                 f"{{}} must be between 1 and the model's {window}-token window"),
+                (self.kv_budget is not None and self.kv_budget < 1, "kv_budget", "{} must be at least 1"),
+                (self.calibration is not None and self.calibration.last_layer >= n_layers, "calibration",
+                 f"{{}} layers must be below the model's {n_layers} layers")):
+            if bad:
+                raise OptionError(param, message)
 
 
 @dataclass
@@ -74,16 +92,6 @@ class ChunkCache:
     k: torch.Tensor
     v: torch.Tensor
     nll: float = math.nan
-
-
-@dataclass
-class Result:
-    cache: KVCache  # assembled chunks + question, room for the answer
-    logits: torch.Tensor  # (vocab,) float32 at the last question token
-    next_position: int  # where the first generated token goes: M + question length
-    chunks: int
-    kept: list  # ChunkCache of the kept chunks, document order, K/V released
-    evicted_tokens: int  # by KV eviction and calibration, per KV head
 
 
 # ---------------------------------------------------------------------------- chunking
@@ -99,23 +107,18 @@ def default_chunk_tokens(window, head_len, question_len, answer_budget):
     """Chunk size such that head + chunk + question + answer stay inside the trained window."""
     budget = window - head_len - question_len - answer_budget
     if budget < 1:
-        raise ValueError(f"the question ({question_len} tokens) and the answer budget "
-                         f"({answer_budget} tokens) leave no room for context in the model's "
-                         f"{window}-token window")
+        raise OptionError("max_new_tokens", f"the question ({question_len} tokens) and {{}} ({answer_budget}) "
+                                            f"leave no room for context in the model's {window}-token window")
     return budget
 
 
-def chunk_batch_size(model, chunk_len, n_chunks, device):
+def chunk_batch_size(model, chunk_len, n_chunks):
     """Chunks per forward: what half the free memory holds, at most MAX_BATCH_TOKENS tokens."""
-    c, b = model.config, model.embed.weight.element_size()
-    qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
-    # per token: kept K/V of all layers, plus one layer's activations (RoPE in float32)
-    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * b + b * (6 * c.dim + 3 * qkv + 4 * c.ffn_dim) + 8 * qkv
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+    if model.device.type == "cuda":
+        free = torch.cuda.mem_get_info(model.device)[0]
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    fits = int(0.5 * free // (per_token * chunk_len))
+    fits = int(0.5 * free // (model.prefill_bytes_per_token() * chunk_len))
     return max(1, min(n_chunks, fits, MAX_BATCH_TOKENS // chunk_len))
 
 
@@ -162,38 +165,46 @@ class ChunkEncoder:
         return attention(q, k, v)
 
 
-def query_nll(logits, targets):
+def query_nll(logits, targets, eos_ids=frozenset()):
     """Self-information of the question given a chunk: the summed NLL of its tokens divided by
-    (length - 1), as the original does (the first prediction is the question's BOS)."""
-    return F.cross_entropy(logits, targets, reduction="sum").item() / max(len(targets) - 1, 1)
+    (length - 1), as the original does (the first prediction is the question's BOS); EOS targets
+    (a chat template's end of turn) are not scored, as the original ignores them."""
+    nll = F.cross_entropy(logits, targets, reduction="none")
+    scored = torch.tensor([t not in eos_ids for t in targets.tolist()], device=nll.device)
+    return nll[scored].sum().item() / max(len(targets) - 1, 1)
 
 
-def encode_chunks(model, head, context, question, spans, first_index, has_bos, kv_budget):
+def encode_chunks(model, prompt, spans, first_index, kv_budget):
     """One forward over a batch of chunks, each [head + chunk + question] at positions 0..L-1.
 
     Returns their ChunkCaches, K/V and question NLL filled in.
     """
-    c, weight = model.config, model.embed.weight
-    inputs = [head + context[s.start:s.stop] + question for s in spans]
+    c, head, question = model.config, prompt.head, prompt.question
+    has_bos = has_bos_head(prompt)
+    inputs = [head + prompt.context[s.start:s.stop] + question for s in spans]
     lens = [len(x) for x in inputs]
     tokens = torch.zeros(len(inputs), max(lens), dtype=torch.long)
     for b, x in enumerate(inputs):  # right padding: causal attention keeps the real tokens exact
         tokens[b, :len(x)] = torch.tensor(x)
-    tokens = tokens.to(weight.device)
-    positions = torch.arange(tokens.shape[1], device=weight.device).expand_as(tokens)
+    tokens = tokens.to(model.device)
+    positions = torch.arange(tokens.shape[1], device=model.device).expand_as(tokens)
     chunks = []
     for i, span in enumerate(spans):
         context_len = len(head) + len(span)
         n = context_len if kv_budget is None else min(context_len, kv_budget + has_bos)
         shape = (c.n_layers, c.n_kv_heads, n, c.head_dim)
-        chunks.append(ChunkCache(first_index + i, span, context_len, has_bos,
-                                 weight.new_empty(shape), weight.new_empty(shape)))
+        k, v = (torch.empty(shape, device=model.device, dtype=model.dtype) for _ in range(2))
+        chunks.append(ChunkCache(first_index + i, span, context_len, has_bos, k, v))
     hidden = model(tokens, positions, ChunkEncoder(chunks, lens, kv_budget))
-    targets = torch.tensor(question, device=weight.device)
+    targets = torch.tensor(question, device=model.device)
     for b, chunk in enumerate(chunks):
         predicting = hidden[b, chunk.context_len - 1:lens[b] - 1]  # (Lq, dim): the rows that predict the question
-        chunk.nll = query_nll(model.logits(predicting), targets)
+        chunk.nll = query_nll(model.logits(predicting), targets, prompt.eos_ids)
     return chunks
+
+
+def has_bos_head(prompt):
+    return prompt.bos_id is not None and prompt.head[:1] == [prompt.bos_id]
 
 
 def chunk_eviction(chunks, k):
@@ -268,26 +279,48 @@ class QueryPass:
 
 # ---------------------------------------------------------------------------- the whole prefill
 
-def prefill(model, head, context, question, config, answer_budget, bos_id, on_progress=None):
-    """ParallelComp prefill of [head + context + question]; returns a Result ready for decoding.
+def prefill(model, prompt, config, answer_budget, on_progress=None):
+    """ParallelComp prefill of [head + context + question] into a Prefilled ready for decoding.
 
-    head: BOS, template and instruction tokens that precede every chunk; question: the question
-    block (at least one token); answer_budget: tokens the decode cache must leave room for.
-    on_progress(chunks_done, chunks_total) is called after each batch.
+    prompt.head precedes every chunk (BOS, template, instruction); prompt.question ranks the
+    chunks and is encoded last. on_progress(chunks_done, chunks_total) is called after each batch.
+    stats: chunks, kept_chunks and kept_spans (document order), kv_evicted_tokens (context
+    tokens KV eviction dropped from the kept chunks, per KV head, the same in every layer) and
+    calibration_evicted_tokens (cache tokens calibration dropped, per KV head, summed over the
+    calibrated layers).
     """
-    if not question:
-        raise ValueError("ParallelComp needs a question to rank the chunks")
-    window = model.config.max_position_embeddings
-    chunk_tokens = config.chunk_tokens or default_chunk_tokens(window, len(head), len(question), answer_budget)
-    spans = chunk_spans(len(context), chunk_tokens)
-    has_bos = bool(head) and head[0] == bos_id
-    device = model.embed.weight.device
-    batch = chunk_batch_size(model, len(head) + len(spans[0]) + len(question), len(spans), device)
+    if not prompt.question:
+        raise OptionError("question", "ParallelComp needs a {} to rank the chunks by")
+    config.validate(model.config)
+    window, question = model.config.max_position_embeddings, prompt.question
+    chunk_tokens = config.chunk_tokens or default_chunk_tokens(window, len(prompt.head), len(question), answer_budget)
+    spans = chunk_spans(len(prompt.context), chunk_tokens)
+    kept = select_chunks(model, prompt, spans, config, on_progress)
+    cache, S = assemble_cache(model.config, kept, len(question) + answer_budget)
+    kv_evicted = sum(c.context_len - c.k.shape[2] for c in kept)
+    for c in kept:
+        c.k = c.v = None
+    M = max(c.context_len for c in kept)
+    query = QueryPass(cache, S, config.calibration)
+    positions = torch.arange(M, M + len(question), device=model.device)[None]
+    hidden = model(torch.tensor([question], device=model.device), positions, query)
+    chunk_lens = [len(prompt.head) + len(s) + len(question) for s in spans]
+    stats = dict(chunks=len(spans), kept_chunks=[c.index for c in kept],
+                 kept_spans=[[c.span.start, c.span.stop] for c in kept], kv_evicted_tokens=kv_evicted,
+                 calibration_evicted_tokens=query.evicted,
+                 forwards=[[n, n] for n in chunk_lens] + [[len(question), S + len(question)]],
+                 scored_tokens=len(spans) * len(question))
+    return Prefilled(cache, model.logits(hidden[0, -1]), M + len(question), stats)
+
+
+def select_chunks(model, prompt, spans, config, on_progress):
+    """Encode the chunks in batches, keeping the top-k after each: the kept ChunkCaches in document order."""
+    batch = chunk_batch_size(model, len(prompt.head) + len(spans[0]) + len(prompt.question), len(spans))
     kept, done = [], 0
     while done < len(spans):
-        try:
-            kept = chunk_eviction(kept + encode_chunks(model, head, context, question, spans[done:done + batch],
-                                                       done, has_bos, config.kv_budget), config.top_k_chunks)
+        try:  # no name holds the batch's caches: the evicted ones are freed before the next batch
+            kept = chunk_eviction(kept + encode_chunks(model, prompt, spans[done:done + batch], done, config.kv_budget),
+                                  config.top_k_chunks)
         except torch.OutOfMemoryError:
             if batch == 1:
                 raise
@@ -296,14 +329,4 @@ def prefill(model, head, context, question, config, answer_budget, bos_id, on_pr
         done = min(done + batch, len(spans))
         if on_progress:
             on_progress(done, len(spans))
-    kept.sort(key=lambda c: c.index)
-    cache, S = assemble_cache(model.config, kept, len(question) + answer_budget)
-    kv_evicted = sum(c.context_len - c.k.shape[2] for c in kept)
-    for c in kept:
-        c.k = c.v = None
-    M = max(c.context_len for c in kept)
-    query = QueryPass(cache, S, config.calibration)
-    positions = torch.arange(M, M + len(question), device=device)[None]
-    hidden = model(torch.tensor([question], device=device), positions, query)
-    return Result(cache, model.logits(hidden[0, -1]), M + len(question), len(spans), kept,
-                  kv_evicted + query.evicted)
+    return sorted(kept, key=lambda c: c.index)

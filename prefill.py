@@ -81,10 +81,9 @@ def extend(model, cache, ids, position):
     """Append `ids` after the cache's live entries, causally, at positions position.., in pieces
     of PREFILL_PIECE tokens; returns the logits (vocab,) at the last one."""
     tokens = torch.tensor([ids], device=model.device)
-    start = int(cache.lens[0])
     piece = PREFILL_PIECE.get(model.device.type, PREFILL_PIECE["cuda"])
     for a in range(0, len(ids), piece):
         b = min(a + piece, len(ids))
         positions = torch.arange(position + a, position + b, device=model.device)[None]
-        hidden = model(tokens[:, a:b], positions, cache.prefill_attend(start + a))
+        hidden = model(tokens[:, a:b], positions, cache.append_attend)
     return model.logits(hidden[0, -1])

@@ -1,7 +1,9 @@
-"""What the evaluation scripts share: the options every script takes, the engine, tables, output files."""
+"""What the evaluation scripts share: the options every script takes (any method of the table, in
+several settings), the engine, tables, output files."""
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -12,18 +14,30 @@ matplotlib.use("Agg")  # files only, no display
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import Engine  # noqa: E402
+from methods import METHODS, add_options, parse_specs  # noqa: E402
 
-METHODS = ("parallelcomp", "full", "truncate", "streaming")
 
-
-def parser(doc, out):
-    """An argument parser with --model, --device and --out (the prefix of every file written)."""
+def parser(doc, out, methods):
+    """An argument parser with --model, --device, --out (the prefix of every file written), --methods
+    (default `methods`) and every method's options."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--out", default=out, help="prefix of the files written: PREFIX.json, PREFIX_*.png")
+    p.add_argument("--methods", nargs="+", default=methods, metavar="METHOD[:FLAG=VALUE,...]",
+                   help=f"methods of {', '.join(METHODS)}, each in the settings after its colon (e.g. "
+                        f"parallelcomp:kv-budget=512); the method options below apply to every run of their method")
+    add_options(p)
     return p
+
+
+def runs(p, args):
+    """{label: (method, config)} of --methods, or one line from the parser's error."""
+    try:
+        return parse_specs(args.methods, args)
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
 
 
 def log(message):
@@ -42,7 +56,12 @@ def output_path(prefix, suffix):
 
 
 def write_json(prefix, data):
-    output_path(prefix, ".json").write_text(json.dumps(data, indent=1))
+    output_path(prefix, ".json").write_text(json.dumps(data, indent=1, default=str))
+
+
+def file_label(label):
+    """A --methods item as part of a file name: parallelcomp:kv-budget=512 -> parallelcomp_kv-budget-512."""
+    return re.sub(r"[^\w.-]+", "-", label.replace(":", "_", 1))
 
 
 def length_label(n):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from common import METHODS, load_engine, log, markdown_table, parser, write_json
+from common import load_engine, log, markdown_table, parser, runs, write_json
 from metrics import METRICS, example_score, exact_match, gold_options, task_score
 from parallelcomp import ParallelCompConfig  # after common, which puts the repository on sys.path
 
@@ -101,14 +101,22 @@ def read_items(path, limit):
     return items[:limit]
 
 
-def run(engine, items, methods, parallel, max_new_tokens):
+def task_config(config, task):
+    """ParallelComp keeps one chunk where the original forces it."""
+    if isinstance(config, ParallelCompConfig) and task in FORCED_TOP_K:
+        return replace(config, top_k_chunks=FORCED_TOP_K[task])
+    return config
+
+
+def run(engine, items, methods, max_new_tokens):
+    """methods: {label: (method, config)}; one row per item and label."""
     rows = []
     for item in items:
-        config = replace(parallel, top_k_chunks=FORCED_TOP_K.get(item.task, parallel.top_k_chunks))
-        for method in methods:
+        for method, (name, config) in methods.items():
             start = time.perf_counter()
-            out = engine.generate(item.document, item.question, instruction=item.instruction, method=method,
-                                  max_new_tokens=max_new_tokens or item.max_new_tokens, parallel=config)
+            out = engine.generate(item.document, item.question, instruction=item.instruction, method=name,
+                                  max_new_tokens=max_new_tokens or item.max_new_tokens,
+                                  config=task_config(config, item.task))
             rows.append(dict(task=item.task, id=item.id, method=method, prompt_tokens=out.stats["prompt_tokens"],
                              answer=out.text, score=item.score(out.text), seconds=time.perf_counter() - start))
             log(f"{item.task} {item.id} {method}: {rows[-1]['score']:.2f} {out.text[:60]!r}")
@@ -123,18 +131,15 @@ def scores(rows, methods):
 
 
 def main(argv=None):
-    p = parser(__doc__, "longbench")
+    p = parser(__doc__, "longbench", ["parallelcomp", "full", "truncate"])
     p.add_argument("files", nargs="+", help="LongBench or L-Eval .jsonl files")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=["parallelcomp", "full", "truncate"])
     p.add_argument("--limit", type=int, help="first N records (LongBench) or questions (L-Eval) of each file")
     p.add_argument("--max-new-tokens", type=int, help="default: LongBench's for the task, 16 for L-Eval")
-    p.add_argument("--chunk-tokens", type=int, help="ParallelComp: context tokens per chunk")
-    p.add_argument("--top-k-chunks", type=int, default=3, help="ParallelComp: chunks kept")
     args = p.parse_args(argv)
+    methods = runs(p, args)
     items = [item for path in args.files for item in read_items(path, args.limit)]
     engine = load_engine(args)
-    parallel = ParallelCompConfig(chunk_tokens=args.chunk_tokens, top_k_chunks=args.top_k_chunks)
-    rows = run(engine, items, args.methods, parallel, args.max_new_tokens)
+    rows = run(engine, items, methods, args.max_new_tokens)
     table = scores(rows, args.methods)
     write_json(args.out, dict(args=vars(args), scores=table, rows=rows))
     n = Counter(r["task"] for r in rows)

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from common import METHODS, length_label, load_engine, log, markdown_table, output_path, parser, write_json
-from parallelcomp import ParallelCompConfig  # after common, which puts the repository on sys.path
+from common import METHODS, file_label, length_label, load_engine, log, markdown_table, output_path, parser, runs, write_json
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. "
                "Find it and memorize it. I will quiz you about the important information there.\n\n")
@@ -78,17 +77,18 @@ def trials(tokenizer, task, n_tokens, depth, keys, haystack_ids):
     return [(needle_document(tokenizer, haystack_ids, n_tokens, depth), SF_INSTRUCTION, SF_QUESTION, needle_score)]
 
 
-def run(engine, tasks, lengths, depths, keys, haystack_ids, methods, parallel):
+def run(engine, tasks, lengths, depths, keys, haystack_ids, methods):
+    """methods: {label: (method, config)}; one row per trial and label."""
     rows = []
     for task in tasks:
         for n_tokens in lengths:
             for depth in depths:
                 cell = trials(engine.tokenizer, task, n_tokens, depth, keys, haystack_ids)
                 for trial, (document, instruction, question, score) in enumerate(cell):
-                    for method in methods:
+                    for method, (name, config) in methods.items():
                         start = time.perf_counter()
-                        out = engine.generate(document, question, instruction=instruction, method=method,
-                                              max_new_tokens=MAX_NEW_TOKENS[task], parallel=parallel)
+                        out = engine.generate(document, question, instruction=instruction, method=name,
+                                              max_new_tokens=MAX_NEW_TOKENS[task], config=config)
                         rows.append(dict(task=task, length=n_tokens, depth=depth, trial=trial, method=method,
                                          prompt_tokens=out.stats["prompt_tokens"], answer=out.text,
                                          score=score(out.text), seconds=time.perf_counter() - start))
@@ -126,30 +126,27 @@ def score_table(rows, tasks, methods):
 
 
 def main(argv=None):
-    p = parser(__doc__, "passkey")
+    p = parser(__doc__, "passkey", list(METHODS))
+    p.set_defaults(**{"parallelcomp.top_k_chunks": 1})  # as the original forces for passkey
     p.add_argument("--tasks", nargs="+", choices=("passkey", "needle"), default=["passkey", "needle"])
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--keys", type=int, default=3, help="passkey trials per (length, depth)")
     p.add_argument("--haystack", default=str(ESSAYS) if ESSAYS.exists() else None,
                    help="needle: essays JSON ({\"text\": ...}) or a text file")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--chunk-tokens", type=int, help="ParallelComp: context tokens per chunk")
-    p.add_argument("--top-k-chunks", type=int, default=1, help="ParallelComp: 1, as the original forces for passkey")
     args = p.parse_args(argv)
+    methods = runs(p, args)
     if "needle" in args.tasks and not args.haystack:
         p.error(f"{ESSAYS} is absent: give the needle task a --haystack")
     engine = load_engine(args)
     haystack_ids = []
     if "needle" in args.tasks:  # about 8 characters per token covers every tokenizer here
         haystack_ids = engine.tokenizer.encode(read_haystack(args.haystack)[:8 * max(args.lengths)])
-    parallel = ParallelCompConfig(chunk_tokens=args.chunk_tokens, top_k_chunks=args.top_k_chunks)
-    rows = run(engine, args.tasks, args.lengths, args.depths, passkey_keys(args.keys), haystack_ids,
-               args.methods, parallel)
+    rows = run(engine, args.tasks, args.lengths, args.depths, passkey_keys(args.keys), haystack_ids, methods)
     write_json(args.out, dict(args=vars(args), rows=rows))
     for task in args.tasks:
         for method in args.methods:
-            heatmap(rows, task, method, output_path(args.out, f"_{task}_{method}.png"))
+            heatmap(rows, task, method, output_path(args.out, f"_{task}_{file_label(method)}.png"))
     print(score_table(rows, args.tasks, args.methods))
 
 

@@ -2,11 +2,11 @@
 
     python eval/ppl.py --lengths 1024 4096 8192 16384 32768 65536 131072 --out results/ppl
 
-full: one causal pass over the N tokens, the segment scored as their continuation. truncate: the
-last window - 256 of the N tokens (what fits). parallelcomp: the 256 tokens just before the
-segment are the query that ranks the chunks of the rest (never the segment itself); the segment
-is then scored as the continuation of the query pass. streaming: StreamingLLM's cache over the N
-tokens. Prints a table of perplexity per N, writes PREFIX.json and a plot PREFIX.png.
+Every method prefills the N tokens (with BOS) as its context and leaves room for the segment,
+which is then scored as the continuation of its cache: full attention over all N; truncate keeps
+the first and last halves of what the window leaves; streaming, StreamingLLM's cache. A method
+that scores by a question (parallelcomp) takes the last --query-tokens of the N as the question
+(never the segment itself). Prints a table of perplexity per N, writes PREFIX.json and a plot PREFIX.png.
 """
 
 import math
@@ -17,9 +17,9 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from common import METHODS, length_label, load_engine, log, markdown_table, output_path, parser, write_json
-import parallelcomp  # after common, which puts the repository on sys.path
-from engine import prefill_plain, prefill_streaming
+from common import length_label, load_engine, log, markdown_table, output_path, parser, runs, write_json
+from methods import METHODS  # after common, which puts the repository on sys.path
+from prefill import Prompt
 
 BOOK = Path(__file__).resolve().parents[2] / "shared" / "data" / "books" / "war_and_peace.txt"
 
@@ -33,40 +33,36 @@ def book_tokens(tokenizer, path, offset, n_tokens):
     return ids[:n_tokens]
 
 
-def continuation_nll(model, cache, logits, position, target):
+def continuation_nll(model, prefilled, target):
     """Mean NLL of `target` after a prefilled cache whose last logits (vocab,) predict target[0]:
-    target[:-1] is fed at positions position.. and written after the cache's live entries."""
-    device = logits.device
+    target[:-1] is fed at positions next_position.. after each layer's live entries."""
+    device, position = model.device, prefilled.next_position
     positions = torch.arange(position, position + len(target) - 1, device=device)[None]
-    hidden = model(torch.tensor([target[:-1]], device=device), positions, cache.prefill_attend(int(cache.lens[0])))
-    predictions = torch.cat([logits[None], model.logits(hidden[0])])
+    hidden = model(torch.tensor([target[:-1]], device=device), positions, prefilled.cache.append_attend)
+    predictions = torch.cat([prefilled.logits[None], model.logits(hidden[0])])
     return F.cross_entropy(predictions, torch.tensor(target, device=device)).item()
 
 
-def prefill(engine, method, context, target_len, query_len, parallel):
-    """The context prefilled by `method`: (cache, logits at its last token, next position)."""
-    model, head, window = engine.model, engine.tokenizer.bos_prefix, engine.window
-    if method == "full":
-        return prefill_plain(model, head + context, target_len)
-    if method == "truncate":
-        return prefill_plain(model, head + context[-(window - target_len - len(head)):], target_len)
-    if method == "streaming":
-        return prefill_streaming(model, head + context, target_len)
-    result = parallelcomp.prefill(model, head, context[:-query_len], context[-query_len:], parallel,
-                                  target_len, engine.tokenizer.bos_id)
-    return result.cache, result.logits, result.next_position
+def context_prompt(engine, name, context, query_len):
+    """The N tokens as a prompt: all context, or for a method that scores by a question, the last
+    query_len of them as its question."""
+    tok = engine.tokenizer
+    split = len(context) - query_len if METHODS[name].needs_question else len(context)
+    return Prompt(tok.bos_prefix, context[:split], context[split:], tok.bos_id, tok.eos_ids)
 
 
-def run(engine, tokens, lengths, target_len, query_len, methods, parallel):
-    """tokens: max(lengths) tokens of context then the target; one row per (N, method)."""
+def run(engine, tokens, lengths, target_len, query_len, methods):
+    """tokens: max(lengths) tokens of context then the target; methods: {label: (method, config)};
+    one row per (N, label)."""
     target, end = tokens[-target_len:], len(tokens) - target_len
     rows = []
     for n in lengths:
-        for method in methods:
+        for method, (name, config) in methods.items():
             start = time.perf_counter()
             with torch.inference_mode():
-                cache, logits, position = prefill(engine, method, tokens[end - n:end], target_len, query_len, parallel)
-                nll = continuation_nll(engine.model, cache, logits, position, target)
+                prompt = context_prompt(engine, name, tokens[end - n:end], query_len)
+                prefilled = METHODS[name].prefill(engine.model, prompt, config, target_len)
+                nll = continuation_nll(engine.model, prefilled, target)
             rows.append(dict(context_tokens=n, method=method, nll=nll, ppl=math.exp(nll),
                              seconds=time.perf_counter() - start))
             log(f"N={n} {method}: ppl {rows[-1]['ppl']:.2f}")
@@ -93,17 +89,16 @@ def plot(rows, lengths, methods, path):
 
 
 def main(argv=None):
-    p = parser(__doc__, "ppl")
+    p = parser(__doc__, "ppl", ["full", "truncate", "parallelcomp"])
     p.add_argument("--book", default=str(BOOK), help="UTF-8 text file")
     p.add_argument("--offset", type=int, default=200_000, help="character where the first context begins")
     p.add_argument("--lengths", type=int, nargs="+",
                    default=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], help="preceding tokens N")
     p.add_argument("--target-tokens", type=int, default=256)
-    p.add_argument("--query-tokens", type=int, default=256, help="ParallelComp: context tokens that rank the chunks")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=["full", "truncate", "parallelcomp"])
-    p.add_argument("--chunk-tokens", type=int, help="ParallelComp: context tokens per chunk")
-    p.add_argument("--top-k-chunks", type=int, default=3, help="ParallelComp: chunks kept")
+    p.add_argument("--query-tokens", type=int, default=256,
+                   help="methods that score by a question: the context tokens that stand in for it")
     args = p.parse_args(argv)
+    methods = runs(p, args)
     lengths = sorted(args.lengths)
     if args.target_tokens < 2:
         p.error("--target-tokens must be at least 2")
@@ -113,8 +108,7 @@ def main(argv=None):
     if len(engine.tokenizer.bos_prefix) + args.query_tokens + args.target_tokens >= engine.window:
         p.error(f"--query-tokens and --target-tokens must leave room for context in the {engine.window}-token window")
     tokens = book_tokens(engine.tokenizer, args.book, args.offset, lengths[-1] + args.target_tokens)
-    parallel = parallelcomp.ParallelCompConfig(chunk_tokens=args.chunk_tokens, top_k_chunks=args.top_k_chunks)
-    rows = run(engine, tokens, lengths, args.target_tokens, args.query_tokens, args.methods, parallel)
+    rows = run(engine, tokens, lengths, args.target_tokens, args.query_tokens, methods)
     write_json(args.out, dict(args=vars(args), rows=rows))
     plot(rows, lengths, args.methods, output_path(args.out, ".png"))
     print(markdown_table(["N"] + args.methods,

@@ -184,8 +184,6 @@ OPTION_ERRORS = {
     "--chunk-tokens=0": "--chunk-tokens must be at least 1",
     "--chunk-tokens=513": "--chunk-tokens must be between 1 and the model's 512-token window",
     "--kv-budget=-5": "--kv-budget must be at least 1",
-    "--calibrate=sink": r"--calibrate 'sink': expected REGION:FIRST-LAST",
-    "--calibrate=sink:4-2": r"--calibrate 'sink:4-2': expected REGION:FIRST-LAST .* FIRST <= LAST",
     "--calibrate=sink:3-9": "--calibrate layers must be below the model's 5 layers",
     "--device=tpu": "--device tpu: expected cuda, cuda:N or cpu",
 }
@@ -198,12 +196,20 @@ def test_invalid_option_values(option, tmp_path, capsys):
     assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, option), OPTION_ERRORS[option])
 
 
-def test_malformed_command_line_is_one_line_with_status_2(capsys):
+MALFORMED = {
+    "--max-new-tokens=many": r"^error: argument --max-new-tokens: invalid int value: 'many' \(see --help\)$",
+    "--calibrate=sink": r"^error: argument --calibrate: 'sink': expected REGION:FIRST-LAST",
+    "--calibrate=sink:4-2": r"^error: argument --calibrate: 'sink:4-2': expected REGION:FIRST-LAST .* FIRST <= LAST",
+    "--method=full --top-k-chunks=1": r"^error: --top-k-chunks is an option of --method parallelcomp, not full",
+}
+
+
+@pytest.mark.parametrize("options", MALFORMED)
+def test_malformed_command_line_is_one_line_with_status_2(options, capsys):
     with pytest.raises(SystemExit) as exit:
-        main(["--prompt", "p.txt", "--max-new-tokens", "many"])
+        main(["--prompt", "p.txt", *options.split()])
     out, err = capsys.readouterr()
-    assert_one_line_error(exit.value.code, out, err,
-                          r"^error: argument --max-new-tokens: invalid int value: 'many' \(see --help\)$", status=2)
+    assert_one_line_error(exit.value.code, out, err, MALFORMED[options], status=2)
 
 
 @needs_stories
@@ -246,14 +252,15 @@ def test_out_of_memory_says_what_to_lower(tmp_path, capsys):
     """A real failed allocation: a 10-billion-token cache (6.4 TB) on the CPU."""
     prompt = write(tmp_path / "p.txt", STORY)
     assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, "--method", "full", "--max-new-tokens", 10**10),
-                          r"^error: out of memory: lower --max-new-tokens, --chunk-tokens, --top-k-chunks or "
-                          r"--kv-budget, or shorten the prompt; or use --dtype bfloat16$")
+                          r"^error: out of memory: lower --max-new-tokens, or shorten the prompt; "
+                          r"or use --dtype bfloat16$")
 
 
 def test_out_of_gpu_memory_message():
     """No GPU here to exhaust: the message torch.OutOfMemoryError gets, checked directly."""
-    assert memory_advice(gpu=True) == ("out of GPU memory: lower --max-new-tokens, --chunk-tokens, --top-k-chunks "
-                                       "or --kv-budget, or shorten the prompt; or use --dtype bfloat16 or --device cpu")
+    assert memory_advice(gpu=True, method="parallelcomp") == (
+        "out of GPU memory: lower --max-new-tokens, --chunk-tokens, --top-k-chunks, --kv-budget, or shorten the "
+        "prompt; or use --dtype bfloat16 or --device cpu")
 
 
 # ---------------------------------------------------------------------------- Ctrl-C
@@ -322,7 +329,8 @@ def test_json_and_progress_bar_on_a_terminal(tmp_path):
         "answer": tokenizer.decode(result["tokens"]), "tokens": result["tokens"], "method": "parallelcomp",
         "prompt_tokens": 1 + context + len(tokenizer.encode("\n\nWhere did the dog run?")) + 1,
         "chunks": len(spans), "kept_chunks": sorted(result["kept_chunks"]),
-        "kept_spans": [[s.start, s.stop] for s in kept], "evicted_tokens": sum(len(s) - 100 for s in kept),
+        "kept_spans": [[s.start, s.stop] for s in kept], "kv_evicted_tokens": sum(len(s) - 100 for s in kept),
+        "calibration_evicted_tokens": 0,
         "truncated_tokens": None, "prefill_seconds": result["prefill_seconds"],
         "decode_seconds": result["decode_seconds"], "generated_tokens": len(result["tokens"]),
         "decode_tokens_per_second": result["decode_tokens_per_second"],

@@ -20,8 +20,9 @@ import ppl  # noqa: E402
 from metrics import (classification_score, code_sim, count_score, exact_match, example_score,  # noqa: E402
                      gold_options, normalize_answer, qa_f1, retrieval_score, rouge_l, task_score)
 
+from baselines import BaselineConfig  # noqa: E402
 from engine import Engine  # noqa: E402
-from model import attention  # noqa: E402
+from methods import METHODS  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -123,16 +124,21 @@ def shortened(path, out, n, **cut):
 
 @needs_stories
 def test_passkey_end_to_end(tmp_path, capsys):
+    """Every method of the table, and ParallelComp once more with KV eviction and calibration."""
+    variant = "parallelcomp:kv-budget=64,calibrate=sink:1-2"
     passkey.main(["--model", str(STORIES), "--device", "cpu", "--lengths", "256", "1024", "--depths", "0.25",
-                  "0.75", "--keys", "1", "--out", str(tmp_path / "r")])
+                  "0.75", "--keys", "1", "--chunk-tokens", "400", "--methods", "parallelcomp", variant, "full",
+                  "truncate", "streaming", "--out", str(tmp_path / "r")])
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
-    assert len(rows) == 2 * 2 * 2 * 4  # tasks × lengths × depths × methods, one trial each
+    assert len(rows) == 2 * 2 * 2 * 5  # tasks × lengths × depths × methods, one trial each
     assert all(0 <= r["score"] <= 1 for r in rows)
     for task in ("passkey", "needle"):
-        for method in ("parallelcomp", "full", "truncate", "streaming"):
+        for method in ("parallelcomp", "parallelcomp_kv-budget-64-calibrate-sink-1-2", "full", "truncate",
+                       "streaming"):
             assert (tmp_path / f"r_{task}_{method}.png").stat().st_size > 0
     table = capsys.readouterr().out.strip().splitlines()
-    assert table[0] == "| task | length | parallelcomp | full | truncate | streaming |" and len(table) == 2 + 4
+    assert table[0] == f"| task | length | parallelcomp | {variant} | full | truncate | streaming |"
+    assert len(table) == 2 + 4
 
 
 @needs_stories
@@ -155,10 +161,11 @@ def test_ppl_continuation_equals_one_causal_pass():
     tokens = ppl.book_tokens(engine.tokenizer, ppl.BOOK, 200_000, 300)
     context, target = tokens[:250], tokens[250:]
     with torch.inference_mode():
-        nll = ppl.continuation_nll(engine.model, *ppl.prefill(engine, "full", context, 50, 50, None), target)
-        ids = torch.tensor([[1] + tokens])
-        hidden = engine.model(ids, torch.arange(ids.shape[1])[None], lambda layer, q, k, v: attention(q, k, v))
-        expected = F.cross_entropy(engine.model.logits(hidden[0, -51:-1]), torch.tensor(target)).item()
+        prompt = ppl.context_prompt(engine, "full", context, 50)
+        nll = ppl.continuation_nll(engine.model, METHODS["full"].prefill(engine.model, prompt, BaselineConfig(), 50),
+                                   target)
+        logits = engine.model.causal_logits(torch.tensor([[1] + tokens]))
+        expected = F.cross_entropy(logits[0, -51:-1], torch.tensor(target)).item()
     assert nll == pytest.approx(expected, abs=1e-5)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine import Engine
+from methods import METHODS
 from model import KVCache
 from parallelcomp import Calibration, ParallelCompConfig
 
@@ -54,14 +55,19 @@ def test_bf16_greedy_equals_the_float32_reference(engine, reference, smollm2_dir
     assert decided == [29, 32, 19]
 
 
-@pytest.mark.parametrize("method", ["full", "parallelcomp", "parallelcomp+calibration", "streaming"])
+CONFIGS = {"parallelcomp": ParallelCompConfig(chunk_tokens=3000, top_k_chunks=2),
+           "parallelcomp+kv": ParallelCompConfig(chunk_tokens=3000, top_k_chunks=2, kv_budget=1000),
+           "parallelcomp+calibration": ParallelCompConfig(chunk_tokens=3000, top_k_chunks=2,
+                                                          calibration=Calibration("sink", 3, 6))}
+
+
+@pytest.mark.parametrize("method", [*METHODS, "parallelcomp+kv", "parallelcomp+calibration"])
 def test_graph_decode_equals_eager_decode(engine, method):
     """Greedy and seeded sampling give the same tokens with the captured graph as with the eager step,
-    after plain and ParallelComp prefill (with calibration, the layers' cache lengths differ)."""
+    after every method's prefill (with calibration, the layers' cache lengths differ)."""
     document = passkey_document(engine.tokenizer, 12000, 0.4, "73019")
-    parallel = ParallelCompConfig(chunk_tokens=3000, top_k_chunks=2,
-                                  calibration=Calibration("sink", 3, 6) if "calibration" in method else None)
-    kwargs = dict(instruction=INSTRUCTION, method=method.split("+")[0], max_new_tokens=100, parallel=parallel)
+    kwargs = dict(instruction=INSTRUCTION, method=method.split("+")[0], max_new_tokens=100,
+                  config=CONFIGS.get(method))
     for sampling in (dict(), dict(temperature=0.8, top_p=0.95, top_k=50, seed=7)):
         graph = engine.generate(document, QUESTION, cuda_graph=True, **kwargs, **sampling)
         eager = engine.generate(document, QUESTION, cuda_graph=False, **kwargs, **sampling)

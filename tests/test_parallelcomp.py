@@ -19,6 +19,7 @@ import parallelcomp
 from engine import Engine
 from checkpoint import load_model
 from parallelcomp import Calibration, ChunkCache, ParallelCompConfig, chunk_spans
+from prefill import OptionError, Prompt
 from reference import load_float64, ref_forward, rel_err
 from tokenizer import Tokenizer
 
@@ -38,6 +39,7 @@ class Setup:
         self.head = [1] + self.tok.encode("Read the story.")
         self.question = [1] + self.tok.encode("What did the monster see?")
         self.spans = chunk_spans(len(self.context), 152)
+        self.prompt = Prompt(self.head, self.context, self.question, bos_id=1, eos_ids=frozenset({2}))
 
     def chunk_input(self, span):
         return self.head + self.context[span.start:span.stop] + self.question
@@ -65,8 +67,7 @@ def references(setup):
 
 def run_prefill(setup, config, answer_budget=4):
     with torch.inference_mode():
-        return parallelcomp.prefill(setup.model, setup.head, setup.context, setup.question, config,
-                                    answer_budget, bos_id=1)
+        return parallelcomp.prefill(setup.model, setup.prompt, config, answer_budget)
 
 
 def lowest_nll(setup, references, k):
@@ -88,8 +89,7 @@ def test_chunk_scores_equal_independent_nll(setup, references):
     float64 forward of that chunk alone, summed and divided by (Lq - 1)."""
     assert len({len(s) for s in setup.spans}) == 2, "chunks of unequal length exercise the padding"
     with torch.inference_mode():
-        chunks = parallelcomp.encode_chunks(setup.model, setup.head, setup.context, setup.question,
-                                            setup.spans, 0, True, None)
+        chunks = parallelcomp.encode_chunks(setup.model, setup.prompt, setup.spans, 0, None)
     for chunk, (logits, _), span in zip(chunks, references, setup.spans):
         assert chunk.nll == pytest.approx(setup.reference_nll(logits, span), rel=TOL)
     assert len({round(c.nll, 3) for c in chunks}) == len(chunks), "distinct scores make the ranking meaningful"
@@ -104,13 +104,14 @@ def test_assembled_cache_and_query_pass_match_reference(setup, references):
     positions M..M+Lq-1 (M = the longest kept chunk) and attends to all of it with one softmax."""
     res = run_prefill(setup, ParallelCompConfig(chunk_tokens=152, top_k_chunks=2))
     kept = lowest_nll(setup, references, 2)
-    assert [c.index for c in res.kept] == kept
-    assert [c.span for c in res.kept] == [setup.spans[j] for j in kept]
+    assert res.stats["kept_chunks"] == kept
+    assert res.stats["kept_spans"] == [[setup.spans[j].start, setup.spans[j].stop] for j in kept]
     Lc = [len(setup.head) + len(setup.spans[j]) for j in kept]
     Lq = len(setup.question)
     S = Lc[0] + Lc[1] - 1
     M = max(Lc)
-    assert res.chunks == 4 and res.evicted_tokens == 0
+    assert res.stats["chunks"] == 4
+    assert res.stats["kv_evicted_tokens"] == res.stats["calibration_evicted_tokens"] == 0
     assert res.cache.lens.tolist() == [S + Lq] * setup.cfg["num_hidden_layers"]
     assert res.next_position == M + Lq
 
@@ -131,7 +132,7 @@ def test_assembled_cache_and_query_pass_match_reference(setup, references):
 
 def test_top_k_at_least_n_keeps_every_chunk(setup):
     res = run_prefill(setup, ParallelCompConfig(chunk_tokens=152, top_k_chunks=5))
-    assert [c.index for c in res.kept] == [0, 1, 2, 3]
+    assert res.stats["kept_chunks"] == [0, 1, 2, 3]
     S = sum(len(setup.head) + len(s) for s in setup.spans) - 3
     assert res.cache.lens[0].item() == S + len(setup.question)
 
@@ -149,7 +150,7 @@ def test_one_chunk_gives_the_tokens_of_plain_inference():
     kwargs = dict(instruction="Read the story.\n", max_new_tokens=40)
     plain = engine.generate(story, "Lily", method="full", **kwargs)
     ours = engine.generate(story, "Lily", method="parallelcomp", **kwargs)
-    assert ours.stats["chunks"] == 1
+    assert ours.stats["chunks"] == 1 and ours.stats["method"] == "parallelcomp"
     assert ours.tokens == plain.tokens and len(ours.tokens) > 10
 
 
@@ -192,10 +193,11 @@ def test_kv_eviction_in_prefill_matches_reference(setup, references):
     budget, k_chunks = 40, 2
     res = run_prefill(setup, ParallelCompConfig(chunk_tokens=152, top_k_chunks=k_chunks, kv_budget=budget))
     kept = lowest_nll(setup, references, k_chunks)
-    assert [c.index for c in res.kept] == kept, "KV eviction happens after scoring: the ranking is unchanged"
+    assert res.stats["kept_chunks"] == kept, "KV eviction happens after scoring: the ranking is unchanged"
     Lq, S = len(setup.question), (budget + 1) + budget * (k_chunks - 1)
     assert res.cache.lens.tolist() == [S + Lq] * setup.cfg["num_hidden_layers"]
-    assert res.evicted_tokens == sum(len(setup.head) + len(setup.spans[j]) - 1 - budget for j in kept)
+    assert res.stats["kv_evicted_tokens"] == sum(len(setup.head) + len(setup.spans[j]) - 1 - budget for j in kept)
+    assert res.stats["calibration_evicted_tokens"] == 0
     past = []
     for layer in range(setup.cfg["num_hidden_layers"]):
         ks, vs = [], []
@@ -251,7 +253,7 @@ def test_calibration_evicts_exactly_the_expected_tokens_in_chosen_layers(setup, 
     config = ParallelCompConfig(chunk_tokens=152, top_k_chunks=2)
     model, Lq = setup.model, len(setup.question)
     with torch.inference_mode():
-        chunks = parallelcomp.encode_chunks(model, setup.head, setup.context, setup.question, setup.spans, 0, True, None)
+        chunks = parallelcomp.encode_chunks(model, setup.prompt, setup.spans, 0, None)
         kept = sorted(parallelcomp.chunk_eviction(chunks, config.top_k_chunks), key=lambda c: c.index)
         cache, S = parallelcomp.assemble_cache(model.config, kept, Lq + 4)
         M = max(c.context_len for c in kept)
@@ -305,7 +307,8 @@ class CountingModel:
     batch's forward: the kept chunks plus the batch being encoded."""
 
     def __init__(self, model):
-        self.model, self.config, self.embed, self.logits = model, model.config, model.embed, model.logits
+        self.model, self.config, self.logits = model, model.config, model.logits
+        self.device, self.dtype, self.prefill_bytes_per_token = model.device, model.dtype, model.prefill_bytes_per_token
         self.live, self.batches = [], []
 
     def __call__(self, tokens, positions, attend):
@@ -327,9 +330,9 @@ def test_live_chunk_caches_stay_bounded(setup, n_chunks, monkeypatch):
     context = torch.randint(3, 512, (n_chunks * 480,), generator=gen).tolist()
     k = 3
     with torch.inference_mode():
-        res = parallelcomp.prefill(counting, setup.head, context, setup.question,
-                                   ParallelCompConfig(chunk_tokens=480, top_k_chunks=k), 4, bos_id=1)
-    assert res.chunks == n_chunks and len(counting.batches) >= 4
+        res = parallelcomp.prefill(counting, Prompt(setup.head, context, setup.question, bos_id=1),
+                                   ParallelCompConfig(chunk_tokens=480, top_k_chunks=k), 4)
+    assert res.stats["chunks"] == n_chunks and len(counting.batches) >= 4
     batch = max(counting.batches)
     assert batch < n_chunks / 4
     assert max(counting.live) <= k + batch

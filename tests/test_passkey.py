@@ -27,7 +27,7 @@ def engine(smollm2_dir):
 def test_parallelcomp_finds_the_passkey_in_8k_tokens(engine, depth, key):
     document = passkey_document(engine.tokenizer, 8192, depth, key)
     out = engine.generate(document, QUESTION, instruction=INSTRUCTION, method="parallelcomp", max_new_tokens=8,
-                          parallel=ParallelCompConfig(chunk_tokens=2048, top_k_chunks=1))
+                          config=ParallelCompConfig(chunk_tokens=2048, top_k_chunks=1))
     assert 7800 <= out.stats["prompt_tokens"] <= 8192 and out.stats["chunks"] == 4
     key_at = len(engine.tokenizer.encode(document[:document.index(key)]))
     [(start, stop)] = out.stats["kept_spans"]

