@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import baselines
+import infinipot
 import parallelcomp
 
 
@@ -29,7 +30,15 @@ METHODS = {
                        "the first and last halves of what the trained window leaves"),
     "streaming": Method(baselines.prefill_streaming, baselines.BaselineConfig, False,
                         "StreamingLLM: attention sinks and a recent window"),
+    "infinipot": Method(infinipot.prefill, infinipot.InfiniPotConfig, False,
+                        "InfiniPot: a fixed-size pot distilled by novelty and a catalyst prompt's attention"),
 }
+
+
+def tokenized(config, encode):
+    """`config` ready for prefill: a config with text options (InfiniPot's catalyst) defines
+    tokenized(encode) to turn them into token ids; encode: str -> ids without BOS."""
+    return config.tokenized(encode) if hasattr(config, "tokenized") else config
 
 
 def flag(f):
