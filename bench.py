@@ -18,7 +18,7 @@ import torch
 
 from checkpoint import load_model
 from decoding import Decoder, SamplingParams
-from methods import METHODS, add_options, parse_specs, tokenized
+from methods import METHODS, add_options, parse_specs, prepared
 from model import ModelConfig, build_model
 from prefill import Prompt
 
@@ -90,7 +90,8 @@ def bench_engine(model, context, label, method, config, bandwidth, matmul_rate):
     gen = torch.Generator().manual_seed(context)
     ids = torch.randint(0, c.vocab_size, (context,), generator=gen).tolist()
     prompt = Prompt([], ids[:-QUESTION_TOKENS], ids[-QUESTION_TOKENS:])
-    config = tokenized(config, lambda text: [sum(map(ord, w)) % c.vocab_size for w in text.split()])  # a token a word: speed depends on lengths only
+    # a token a word for text options: speed depends on their length only
+    config = prepared(config, model, lambda text: [sum(map(ord, w)) % c.vocab_size for w in text.split()])
     prefill = METHODS[method].prefill
     with torch.inference_mode():
         warm_up = Prompt([], prompt.context[:4096], prompt.question)  # cuDNN plans, cuBLAS handles

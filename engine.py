@@ -24,7 +24,7 @@ import torch
 
 from checkpoint import CheckpointError, load_model
 from decoding import SamplingParams, decode
-from methods import METHODS, add_options, config_from, flag_of, given_options, tokenized
+from methods import METHODS, add_options, config_from, flag_of, given_options, prepared
 from prefill import OptionError, Prompt
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from weights import WeightsError
@@ -194,7 +194,7 @@ class Engine:
             config.validate(self.model.config)
         auto = method == AUTO
         method, prompt, asked = self.plan(document, question, instruction, chat, method, max_new_tokens)
-        config = tokenized(method_config(method, config, auto), self.tokenizer.encode)
+        config = prepared(method_config(method, config, auto), self.model, self.tokenizer.encode)
         self.check_prompt(method, prompt, max_new_tokens, config, asked)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -34,8 +34,8 @@ and deviations:
 - A full pot is distilled only when more context follows: the final pot holds up to M tokens.
 
 Tokenising the catalyst: prefill sees token ids only, so a text catalyst ("generic" or literal
-text) must be replaced by its ids before prefill: `config.tokenized(tokenizer.encode)` returns
-the config with `catalyst` a tuple of ids; "question" needs no tokeniser.
+text) must be replaced by its ids before prefill: `config.prepared(model, tokenizer.encode)`
+returns the config with `catalyst` a tuple of ids; "question" needs no tokeniser.
 """
 
 from dataclasses import dataclass, replace
@@ -76,7 +76,7 @@ class InfiniPotConfig:
         if not self.catalyst:
             raise OptionError("catalyst", "{} must not be empty")
 
-    def tokenized(self, encode):
+    def prepared(self, model, encode):
         """This config with a text catalyst replaced by its ids; encode: str -> ids without BOS."""
         if not isinstance(self.catalyst, str) or self.catalyst == "question":
             return self
@@ -92,7 +92,7 @@ def catalyst_ids(config, prompt):
             raise OptionError("catalyst", "{} 'question' needs a question in the prompt")
         return list(ids)
     if isinstance(config.catalyst, str):
-        raise TypeError("InfiniPot's catalyst text must be tokenised first: config.tokenized(tokenizer.encode)")
+        raise TypeError("InfiniPot's catalyst text must be tokenised first: config.prepared(model, tokenizer.encode)")
     return list(config.catalyst)
 
 

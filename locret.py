@@ -165,6 +165,9 @@ class LocretConfig:
         stabilizers = budget * 5 // 32 if self.stabilizers is None else self.stabilizers
         return budget, chunk, stabilizers
 
+    def prepared(self, model, encode):
+        return with_heads(self, model)
+
     def validate(self, model_config):
         budget, chunk, stabilizers = self.settings(model_config)
         window = model_config.max_position_embeddings

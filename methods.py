@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 
 import baselines
 import infinipot
+import locret
 import parallelcomp
 
 
@@ -32,13 +33,16 @@ METHODS = {
                         "StreamingLLM: attention sinks and a recent window"),
     "infinipot": Method(infinipot.prefill, infinipot.InfiniPotConfig, False,
                         "InfiniPot: a fixed-size pot distilled by novelty and a catalyst prompt's attention"),
+    "locret": Method(locret.prefill, locret.LocretConfig, False,
+                     "Locret: trained retaining heads keep the top-B entries per KV head as chunks stream in"),
 }
 
 
-def tokenized(config, encode):
-    """`config` ready for prefill: a config with text options (InfiniPot's catalyst) defines
-    tokenized(encode) to turn them into token ids; encode: str -> ids without BOS."""
-    return config.tokenized(encode) if hasattr(config, "tokenized") else config
+def prepared(config, model, encode):
+    """`config` ready for prefill on `model`: a config whose options need the model or the
+    tokenizer (InfiniPot's catalyst text, Locret's head file) defines prepared(model, encode),
+    which returns it with those resolved; encode: str -> ids without BOS."""
+    return config.prepared(model, encode) if hasattr(config, "prepared") else config
 
 
 def flag(f):

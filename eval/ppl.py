@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common import length_label, load_engine, log, markdown_table, output_path, parser, runs, write_json
-from methods import METHODS, tokenized  # after common, which puts the repository on sys.path
+from methods import METHODS, prepared  # after common, which puts the repository on sys.path
 from prefill import Prompt
 
 BOOK = Path(__file__).resolve().parents[2] / "shared" / "data" / "books" / "war_and_peace.txt"
@@ -61,7 +61,7 @@ def run(engine, tokens, lengths, target_len, query_len, methods):
             start = time.perf_counter()
             with torch.inference_mode():
                 prompt = context_prompt(engine, name, tokens[end - n:end], query_len)
-                config = tokenized(config, engine.tokenizer.encode)
+                config = prepared(config, engine.model, engine.tokenizer.encode)
                 prefilled = METHODS[name].prefill(engine.model, prompt, config, target_len)
                 nll = continuation_nll(engine.model, prefilled, target)
             rows.append(dict(context_tokens=n, method=method, nll=nll, ppl=math.exp(nll),

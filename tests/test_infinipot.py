@@ -37,7 +37,7 @@ class Setup:
         self.text_ids = self.tok.encode(text)
         self.head = [1] + self.tok.encode("Read the story.")
         self.question = self.tok.encode(" What did the monster see?")
-        self.config = InfiniPotConfig(pot_tokens=M, pot_keep=C).tokenized(self.tok.encode)
+        self.config = InfiniPotConfig(pot_tokens=M, pot_keep=C).prepared(self.model, self.tok.encode)
 
     def prompt(self, stream_len, question=None):
         context = self.text_ids[:stream_len - len(self.head)]
@@ -64,13 +64,13 @@ def greedy(model, cache, logits, position, steps):
     return tokens
 
 
-def test_tokenized_catalysts(setup):
-    generic = InfiniPotConfig().tokenized(setup.tok.encode)
+def test_prepared_catalysts(setup):
+    generic = InfiniPotConfig().prepared(setup.model, setup.tok.encode)
     assert generic.catalyst == tuple(setup.tok.encode("\n\nSummarize the critical points of the text above."))
-    literal = InfiniPotConfig(catalyst="Key facts:").tokenized(setup.tok.encode)
+    literal = InfiniPotConfig(catalyst="Key facts:").prepared(setup.model, setup.tok.encode)
     assert literal.catalyst == tuple(setup.tok.encode("Key facts:"))
     question = InfiniPotConfig(catalyst="question")
-    assert question.tokenized(setup.tok.encode) is question
+    assert question.prepared(setup.model, setup.tok.encode) is question
     prompt = setup.prompt(100, question=[1] + setup.question)
     assert infinipot.catalyst_ids(question, prompt) == setup.question  # the BOS is not part of it
     with pytest.raises(TypeError):
@@ -261,8 +261,8 @@ def test_select_by_hand():
 
 def test_default_sizes(setup):
     prompt = setup.prompt(150)
-    result = run(setup, prompt, InfiniPotConfig().tokenized(setup.tok.encode), answer_budget=100)
-    P, Q = len(InfiniPotConfig().tokenized(setup.tok.encode).catalyst), len(prompt.question)
+    result = run(setup, prompt, InfiniPotConfig().prepared(setup.model, setup.tok.encode), answer_budget=100)
+    P, Q = len(InfiniPotConfig().prepared(setup.model, setup.tok.encode).catalyst), len(prompt.question)
     assert P < Q + 100
     assert result.stats["pot_tokens"] == 512 - Q - 100 and result.stats["pot_keep"] == (512 - Q - 100) // 2
 
@@ -291,7 +291,7 @@ def test_bad_options_validate(setup, fields, param):
     (dict(catalyst="question"), 20, [1], "catalyst"),  # no question to catalyse
 ])
 def test_bad_options_prefill(setup, fields, answer_budget, question, param):
-    config = InfiniPotConfig(**fields).tokenized(setup.tok.encode)
+    config = InfiniPotConfig(**fields).prepared(setup.model, setup.tok.encode)
     with pytest.raises(OptionError) as e:
         run(setup, setup.prompt(100, question), config, answer_budget)
     assert e.value.param == param and param in str(e.value)
