@@ -59,7 +59,11 @@ class ModelConfig:
 # ---------------------------------------------------------------------------- RoPE
 
 def rope_frequencies(config):
-    """Inverse frequencies (head_dim/2,) in float32, with linear or Llama-3.1 scaling applied."""
+    """Inverse frequencies (head_dim/2,) in float64, with linear or Llama-3.1 scaling applied.
+
+    Angles (position * frequency) are formed in float64: in float32, the frequency's rounding
+    (2^-24 relative) and the product's (an ulp is 0.03 rad just below 2^19) each move an angle
+    at position 5e5 by up to 0.016-0.03 rad, and rotated vectors came out 3e-3 off there."""
     d = config.head_dim
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     s = config.rope_scaling or {}
@@ -72,7 +76,7 @@ def rope_frequencies(config):
         wavelen = 2 * math.pi / inv_freq
         blend = ((old_window / wavelen - low) / (high - low)).clamp(0, 1)
         inv_freq = (1 - blend) * inv_freq / factor + blend * inv_freq
-    return inv_freq.float()
+    return inv_freq
 
 
 def dynamic_ntk_frequencies(config, inv_freq, positions):
@@ -201,8 +205,8 @@ class KVCache:
         index = keep[:, None, :, :, None].expand(-1, 1, -1, -1, self.k.shape[-1])
         self.v[:, :, :, :n] = self.v.gather(3, index)
         self.k_raw[:, :, :, :n] = self.k_raw.gather(3, index)
-        angles = torch.arange(n, device=keep.device)[:, None].float() * inv_freq  # (n, D/2)
-        self.k[:, :, :, :n] = apply_rope(self.k_raw[:, :, :, :n], angles.cos(), angles.sin())
+        angles = torch.arange(n, device=keep.device)[:, None].double() * inv_freq  # (n, D/2)
+        self.k[:, :, :, :n] = apply_rope(self.k_raw[:, :, :, :n], angles.cos().float(), angles.sin().float())
         self.lens.fill_(n)
 
     def decode_attend(self, layer, q, k, v):
@@ -312,8 +316,8 @@ class Llama(nn.Module):
         inv_freq = self.inv_freq
         if self.config.rope_type == "dynamic":
             inv_freq = dynamic_ntk_frequencies(self.config, inv_freq, positions)
-        angles = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, D/2)
-        cos, sin = angles.cos(), angles.sin()
+        angles = positions[:, None, :, None].double() * inv_freq  # (B, 1, T, D/2)
+        cos, sin = angles.cos().float(), angles.sin().float()
         x = self.embed(tokens).float()  # the residual stream stays in float32 whatever the weights' dtype
         delta = None
         for i, layer in enumerate(self.layers):

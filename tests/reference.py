@@ -77,12 +77,13 @@ def ref_rmsnorm(x, weight, eps):
     return weight * (x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps))
 
 
-def ref_forward(w, cfg, tokens, positions, past=None, record=None):
+def ref_forward(w, cfg, tokens, positions, past=None, record=None, mask=None):
     """Logits (T, vocab) in float64 for one sequence; w: HF name -> float64 tensor; cfg: config.json dict.
 
     Causal by sequence index (as HF's mask), RoPE by the given positions. past: per layer (K, V)
     of shape (P, H_kv, d), already rotated, that every token attends to before its own causal
     part. record: a list that receives per layer {"q": (T, H, d), "k", "v": (T, H_kv, d)}.
+    mask: mask(layer) -> None (causal) or (T, T) bool, True where token t attends to token s <= t.
     """
     T, d = len(tokens), ref_head_dim(cfg)
     H = cfg["num_attention_heads"]
@@ -107,13 +108,15 @@ def ref_forward(w, cfg, tokens, positions, past=None, record=None):
         if record is not None:
             record.append({"q": q, "k": k, "v": v})
         past_k, past_v = past[layer] if past else (k[:0], v[:0])
+        allowed = mask(layer) if mask else None
         heads = []
         for head in range(H):
             kv_head = head // (H // Hkv)  # HF repeat_kv: each KV head serves H/Hkv consecutive heads
             rows = []
             for t in range(T):
-                keys = torch.cat([past_k[:, kv_head], k[: t + 1, kv_head]])
-                values = torch.cat([past_v[:, kv_head], v[: t + 1, kv_head]])
+                own = torch.arange(t + 1) if allowed is None else allowed[t, : t + 1].nonzero()[:, 0]
+                keys = torch.cat([past_k[:, kv_head], k[own, kv_head]])
+                values = torch.cat([past_v[:, kv_head], v[own, kv_head]])
                 scores = (keys @ q[t, head]) / math.sqrt(d)
                 weights = torch.exp(scores - scores.max())
                 weights = weights / weights.sum()
