@@ -22,8 +22,8 @@ class CheckpointError(Exception):
     """A checkpoint directory that cannot be loaded; the message names the file or tensor."""
 
 
-def read_config(path):
-    """config.json of a Hugging Face Llama or Qwen2 checkpoint -> ModelConfig; CheckpointError names what is wrong."""
+def read_json(path):
+    """config.json as a dict; CheckpointError when it is missing or not a JSON object."""
     path = Path(path)
     try:
         hf = json.loads(path.read_text())
@@ -33,6 +33,12 @@ def read_config(path):
         raise CheckpointError(f"{path} is not valid JSON ({e})")
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path} is not a JSON object")
+    return hf
+
+
+def read_config(path):
+    """config.json of a Hugging Face Llama or Qwen2 checkpoint -> ModelConfig; CheckpointError names what is wrong."""
+    hf = read_json(path)
     arch = (hf.get("architectures") or ["<none>"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"{path}: architecture {arch} is not supported "

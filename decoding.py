@@ -88,7 +88,7 @@ class Decoder:
 
     def capture(self):
         """Record one step as a CUDA graph; the warm-up it needs first leaves no trace."""
-        buffers = (self.tok, self.pos, self.out, self.n, self.cache.lens)
+        buffers = (self.tok, self.pos, self.out, self.n, *self.cache.decode_state())
         saved = [t.clone() for t in buffers]
         generator = self.sampler.generator
         rng = generator.get_state() if generator is not None else None

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, load_model
+from checkpoint import CheckpointError, load_model, read_json
+from hybrid import CONFIG_KEY, layout_from_config
 from decoding import SamplingParams, decode
 from methods import METHODS, add_options, config_from, flag_of, given_options, prepared
 from prefill import OptionError, Prompt
@@ -70,6 +71,14 @@ def resolve_device(name):
     return device
 
 
+def checkpoint_layout(path):
+    """The HybridConfig a checkpoint trained for LongGen's pattern describes in its config.json, or None."""
+    try:
+        return layout_from_config(read_json(path))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}")
+
+
 def method_config(method, config, auto):
     """The config `method` runs with: `config`, or the method's defaults when there is none or
     when auto chose a method other than the one `config` is for."""
@@ -101,6 +110,7 @@ class Engine:
         self.model = load_model(model_dir, self.device, self.dtype)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.window = self.model.config.max_position_embeddings
+        self.hybrid_layout = checkpoint_layout(Path(model_dir) / "config.json")
 
     # ------------------------------------------------------------------ prompt layout
 
@@ -192,8 +202,12 @@ class Engine:
             raise EngineError("the prompt is empty")
         if config is not None:
             config.validate(self.model.config)
+        if method == AUTO and self.hybrid_layout is not None:  # a checkpoint trained for the hybrid pattern runs it
+            method, config = "hybrid", config or self.hybrid_layout
         auto = method == AUTO
         method, prompt, asked = self.plan(document, question, instruction, chat, method, max_new_tokens)
+        if method == "hybrid" and config is None:
+            config = self.hybrid_layout
         config = prepared(method_config(method, config, auto), self.model, self.tokenizer.encode)
         self.check_prompt(method, prompt, max_new_tokens, config, asked)
         if self.device.type == "cuda":

@@ -202,6 +202,10 @@ class HybridCache:
             return out
         return attend
 
+    def append_attend(self, layer, q, k, v):
+        """An `attend` for tokens after the lens[layer] this layer has seen."""
+        return self.prefill_attend(int(self.lens[layer]))(layer, q, k, v)
+
     def decode_attend(self, layer, q, k, v):
         """An `attend` for one token per sequence at position lens[layer] (graph-safe)."""
         if layer in self.full_layers:

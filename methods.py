@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import baselines
+import hybrid
 import infinipot
 import locret
 import parallelcomp
@@ -35,6 +36,8 @@ METHODS = {
                         "InfiniPot: a fixed-size pot distilled by novelty and a catalyst prompt's attention"),
     "locret": Method(locret.prefill, locret.LocretConfig, False,
                      "Locret: trained retaining heads keep the top-B entries per KV head as chunks stream in"),
+    "hybrid": Method(hybrid.prefill, hybrid.HybridConfig, False,
+                     "LongGen's pattern: the middle third of the layers full attention, the others sink + window"),
 }
 
 

@@ -209,6 +209,10 @@ class KVCache:
         self.k[:, :, :, :n] = apply_rope(self.k_raw[:, :, :, :n], angles.cos().float(), angles.sin().float())
         self.lens.fill_(n)
 
+    def decode_state(self):
+        """What a decode step changes that is live before it: what a CUDA-graph warm-up must restore."""
+        return (self.lens,)
+
     def decode_attend(self, layer, q, k, v):
         """An `attend` for one new token per sequence, written at lens[layer] (graph-safe)."""
         if gpu_kernels(q, q.shape[-1]):
