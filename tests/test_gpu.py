@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from engine import Engine
+from hybrid import HybridConfig
+from locret import LocretConfig, RetainingHeads
 from methods import METHODS
 from model import KVCache
 from parallelcomp import Calibration, ParallelCompConfig
@@ -61,13 +63,16 @@ CONFIGS = {"parallelcomp": ParallelCompConfig(chunk_tokens=3000, top_k_chunks=2)
                                                           calibration=Calibration("sink", 3, 6))}
 
 
-@pytest.mark.parametrize("method", [*METHODS, "parallelcomp+kv", "parallelcomp+calibration"])
+@pytest.mark.parametrize("method", [*METHODS, "parallelcomp+kv", "parallelcomp+calibration", "hybrid+block"])
 def test_graph_decode_equals_eager_decode(engine, method):
     """Greedy and seeded sampling give the same tokens with the captured graph as with the eager step,
-    after every method's prefill (with calibration, the layers' cache lengths differ)."""
+    after every method's prefill (with calibration, the layers' cache lengths differ; Locret with
+    random heads: the mechanics, not the quality)."""
     document = passkey_document(engine.tokenizer, 12000, 0.4, "73019")
+    configs = {**CONFIGS, "locret": LocretConfig(retaining_heads=RetainingHeads(engine.model.config, 256)),
+               "hybrid+block": HybridConfig(pattern="block")}
     kwargs = dict(instruction=INSTRUCTION, method=method.split("+")[0], max_new_tokens=100,
-                  config=CONFIGS.get(method))
+                  config=configs.get(method))
     for sampling in (dict(), dict(temperature=0.8, top_p=0.95, top_k=50, seed=7)):
         graph = engine.generate(document, QUESTION, cuda_graph=True, **kwargs, **sampling)
         eager = engine.generate(document, QUESTION, cuda_graph=False, **kwargs, **sampling)
