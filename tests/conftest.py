@@ -1,12 +1,91 @@
+"""What the tests share: the paths of the shared models and data, a writer of random checkpoints
+with Hugging Face tensor names, and the real models as fixtures. Test files import the plain
+names with `from conftest import ...`."""
+
 import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
+from reference import ref_head_dim
 from weights.smollm2 import ensure_default_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"  # read-only models, data and reference numbers
+MODELS = SHARED / "models"
+STORIES = MODELS / "stories260K"  # a real 260K-parameter Llama: BOS 1, EOS 2, 512-token window, float32
+BOOKS = SHARED / "data" / "books"
+needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is absent")
 
+
+# ---------------------------------------------------------------------------- random checkpoints
+
+def hf_config(**overrides):
+    """A tiny Hugging Face config.json dict (GQA, untied head), with `overrides` applied."""
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": 101, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "rope_scaling": None, "tie_word_embeddings": False, "attention_bias": False,
+        "hidden_act": "silu", "torch_dtype": "float32",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def random_tensors(cfg, seed):
+    """HF-named float32 tensors for `cfg`, scaled so activations stay O(1) and logits O(1-10)."""
+    g = torch.Generator().manual_seed(seed)
+    dim, ffn, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    H, d = cfg["num_attention_heads"], ref_head_dim(cfg)
+    Hkv = cfg.get("num_key_value_heads") or H
+
+    def normal(*shape, std):
+        return torch.randn(*shape, generator=g) * std
+
+    def norm_weight():
+        return 1 + normal(dim, std=0.2)
+
+    w = {"model.embed_tokens.weight": normal(V, dim, std=1.0), "model.norm.weight": norm_weight()}
+    if not cfg["tie_word_embeddings"]:
+        w["lm_head.weight"] = normal(V, dim, std=3 / dim ** 0.5)
+    # HF: Qwen2 always has q/k/v biases and no o_proj bias; Llama's attention_bias gives q/k/v and o_proj biases
+    qwen2 = cfg["architectures"][0] == "Qwen2ForCausalLM"
+    qkv_bias = qwen2 or cfg.get("attention_bias", False)
+    o_bias = not qwen2 and cfg.get("attention_bias", False)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = norm_weight()
+        w[p + "post_attention_layernorm.weight"] = norm_weight()
+        # larger q/k so that attention is far from uniform and positions matter
+        w[p + "self_attn.q_proj.weight"] = normal(H * d, dim, std=2 / dim ** 0.5)
+        w[p + "self_attn.k_proj.weight"] = normal(Hkv * d, dim, std=2 / dim ** 0.5)
+        w[p + "self_attn.v_proj.weight"] = normal(Hkv * d, dim, std=1 / dim ** 0.5)
+        w[p + "self_attn.o_proj.weight"] = normal(dim, H * d, std=1 / (H * d) ** 0.5)
+        if qkv_bias:
+            w[p + "self_attn.q_proj.bias"] = normal(H * d, std=0.5)
+            w[p + "self_attn.k_proj.bias"] = normal(Hkv * d, std=0.5)
+            w[p + "self_attn.v_proj.bias"] = normal(Hkv * d, std=0.5)
+        if o_bias:
+            w[p + "self_attn.o_proj.bias"] = normal(dim, std=0.5)
+        w[p + "mlp.gate_proj.weight"] = normal(ffn, dim, std=1 / dim ** 0.5)
+        w[p + "mlp.up_proj.weight"] = normal(ffn, dim, std=1 / dim ** 0.5)
+        w[p + "mlp.down_proj.weight"] = normal(dim, ffn, std=1 / ffn ** 0.5)
+    return w
+
+
+def write_checkpoint(path, cfg, tensors):
+    """model.safetensors and config.json in directory `path` (created); returns `path`."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+# ---------------------------------------------------------------------------- the real models
 
 @pytest.fixture(scope="session")
 def reference() -> dict:

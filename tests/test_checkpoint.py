@@ -11,45 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoint import SUPPORTED_ARCHITECTURES, CheckpointError, load_model
-from model import KVCache
+from conftest import hf_config, random_tensors, write_checkpoint
 
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 61, "hidden_size": 32,
-    "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "head_dim": 8, "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-    "rope_scaling": None, "tie_word_embeddings": False, "attention_bias": False,
-}
+CONFIG = hf_config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3, head_dim=8,
+                   max_position_embeddings=128)
 TOKENS = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 38, 4, 6]
-
-
-def tensors(config=CONFIG, seed=0):
-    """Random HF-named float32 tensors for `config` (sizes that keep logits O(1))."""
-    g = torch.Generator().manual_seed(seed)
-    dim, ffn, V, L = config["hidden_size"], config["intermediate_size"], config["vocab_size"], config["num_hidden_layers"]
-    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
-
-    def r(*shape, std=None):
-        return torch.randn(*shape, generator=g) * (std if std is not None else shape[-1] ** -0.5)
-
-    w = {"model.embed_tokens.weight": r(V, dim, std=1.0), "model.norm.weight": 1 + r(dim, std=0.1)}
-    if not config["tie_word_embeddings"]:
-        w["lm_head.weight"] = r(V, dim)
-    for i in range(L):
-        p = f"model.layers.{i}."
-        w.update({p + "input_layernorm.weight": 1 + r(dim, std=0.1),
-                  p + "post_attention_layernorm.weight": 1 + r(dim, std=0.1),
-                  p + "self_attn.q_proj.weight": r(q, dim), p + "self_attn.k_proj.weight": r(kv, dim),
-                  p + "self_attn.v_proj.weight": r(kv, dim), p + "self_attn.o_proj.weight": r(dim, q),
-                  p + "mlp.gate_proj.weight": r(ffn, dim), p + "mlp.up_proj.weight": r(ffn, dim),
-                  p + "mlp.down_proj.weight": r(dim, ffn)})
-    return w
-
-
-def write(path, weights, config=CONFIG):
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(weights, path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps(config))
-    return path
 
 
 def write_sharded(path, weights, n_shards, config=CONFIG):
@@ -70,9 +36,8 @@ def write_sharded(path, weights, n_shards, config=CONFIG):
 
 
 def logits(model, tokens=TOKENS):
-    cache = KVCache(model.config, 1, len(tokens), "cpu", torch.float32)
     with torch.inference_mode():
-        return model.logits(model(torch.tensor([tokens]), torch.arange(len(tokens))[None], cache.prefill_attend(0)))
+        return model.causal_logits(torch.tensor([tokens]))
 
 
 def load_error(path):
@@ -85,8 +50,8 @@ def load_error(path):
 
 @pytest.mark.parametrize("n_shards", [2, 3])
 def test_sharded_equals_single_file(tmp_path, n_shards):
-    w = tensors()
-    single = load_model(write(tmp_path / "single", w), "cpu", torch.float32)
+    w = random_tensors(CONFIG, 0)
+    single = load_model(write_checkpoint(tmp_path / "single", CONFIG, w), "cpu", torch.float32)
     sharded = load_model(write_sharded(tmp_path / "sharded", w, n_shards), "cpu", torch.float32)
     assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) == n_shards
     for (name, a), (_, b) in zip(single.state_dict().items(), sharded.state_dict().items()):
@@ -96,8 +61,8 @@ def test_sharded_equals_single_file(tmp_path, n_shards):
 
 def test_fused_parameters_hold_the_hf_tensors(tmp_path):
     """q/k/v rows and gate/up rows land in the right slices of the fused parameters."""
-    w = tensors()
-    model = load_model(write(tmp_path, w), "cpu", torch.float32)
+    w = random_tensors(CONFIG, 0)
+    model = load_model(write_checkpoint(tmp_path, CONFIG, w), "cpu", torch.float32)
     q, kv = 4 * 8, 2 * 8
     layer = model.layers[1]
     p = "model.layers.1."
@@ -109,24 +74,24 @@ def test_fused_parameters_hold_the_hf_tensors(tmp_path):
 
 def test_tied_checkpoint_carrying_lm_head_loads(tmp_path):
     config = {**CONFIG, "tie_word_embeddings": True}
-    w = tensors(config)
-    plain = load_model(write(tmp_path / "plain", w, config), "cpu", torch.float32)
+    w = random_tensors(config, 0)
+    plain = load_model(write_checkpoint(tmp_path / "plain", config, w), "cpu", torch.float32)
     with_head = {**w, "lm_head.weight": w["model.embed_tokens.weight"].clone()}
-    model = load_model(write(tmp_path / "with_head", with_head, config), "cpu", torch.float32)
+    model = load_model(write_checkpoint(tmp_path / "with_head", config, with_head), "cpu", torch.float32)
     assert model.lm_head is None
     assert torch.equal(logits(model), logits(plain))
 
 
 def test_rotary_inv_freq_buffers_are_ignored(tmp_path):
-    w = tensors()
+    w = random_tensors(CONFIG, 0)
     old_style = {**w, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}
-    assert torch.equal(logits(load_model(write(tmp_path / "a", old_style), "cpu", torch.float32)),
-                       logits(load_model(write(tmp_path / "b", w), "cpu", torch.float32)))
+    assert torch.equal(logits(load_model(write_checkpoint(tmp_path / "a", CONFIG, old_style), "cpu", torch.float32)),
+                       logits(load_model(write_checkpoint(tmp_path / "b", CONFIG, w), "cpu", torch.float32)))
 
 
 def test_half_precision_checkpoint_loads_into_float32(tmp_path):
-    w = {k: v.to(torch.bfloat16) for k, v in tensors().items()}
-    model = load_model(write(tmp_path, w), "cpu", torch.float32)
+    w = {k: v.to(torch.bfloat16) for k, v in random_tensors(CONFIG, 0).items()}
+    model = load_model(write_checkpoint(tmp_path, CONFIG, w), "cpu", torch.float32)
     assert model.embed.weight.dtype == torch.float32
     assert torch.equal(model.embed.weight, w["model.embed_tokens.weight"].float())
 
@@ -134,59 +99,60 @@ def test_half_precision_checkpoint_loads_into_float32(tmp_path):
 # ---------------------------------------------------------------------------- tensor errors
 
 def test_missing_tensor_is_named(tmp_path):
-    w = tensors()
+    w = random_tensors(CONFIG, 0)
     del w["model.layers.2.mlp.up_proj.weight"]
-    assert "model.layers.2.mlp.up_proj.weight" in load_error(write(tmp_path, w))
+    assert "model.layers.2.mlp.up_proj.weight" in load_error(write_checkpoint(tmp_path, CONFIG, w))
 
 
 def test_untied_checkpoint_without_lm_head_is_an_error(tmp_path):
-    w = tensors()
+    w = random_tensors(CONFIG, 0)
     del w["lm_head.weight"]
-    assert "lm_head.weight" in load_error(write(tmp_path, w))
+    assert "lm_head.weight" in load_error(write_checkpoint(tmp_path, CONFIG, w))
 
 
 def test_llama_attention_bias_needs_o_proj_bias(tmp_path):
     """Hugging Face's Llama gives o_proj a bias too when attention_bias is true (Qwen2 does not)."""
     config = {**CONFIG, "attention_bias": True}
-    w = {**tensors(), **{f"model.layers.{i}.self_attn.{x}_proj.bias": torch.zeros(32 if x == "q" else 16)
-                         for i in range(3) for x in "qkv"}}
-    assert "o_proj.bias" in load_error(write(tmp_path / "a", w, config))
+    biases = {f"model.layers.{i}.self_attn.{x}_proj.bias": torch.zeros(32 if x == "q" else 16)
+              for i in range(3) for x in "qkv"}
+    w = {**random_tensors(CONFIG, 0), **biases}
+    assert "o_proj.bias" in load_error(write_checkpoint(tmp_path / "a", config, w))
     w.update({f"model.layers.{i}.self_attn.o_proj.bias": torch.ones(32) for i in range(3)})
-    model = load_model(write(tmp_path / "b", w, config), "cpu", torch.float32)
+    model = load_model(write_checkpoint(tmp_path / "b", config, w), "cpu", torch.float32)
     assert torch.equal(model.layers[2].attn.wo.bias, torch.ones(32))
     qwen2 = {**config, "architectures": ["Qwen2ForCausalLM"]}
-    assert "o_proj.bias" in load_error(write(tmp_path / "c", w, qwen2))  # unexpected there
+    assert "o_proj.bias" in load_error(write_checkpoint(tmp_path / "c", qwen2, w))  # unexpected there
 
 
 def test_many_missing_tensors_are_summarised(tmp_path):
-    w = {k: v for k, v in tensors().items() if not k.startswith("model.layers.")}
-    message = load_error(write(tmp_path, w))
+    w = {k: v for k, v in random_tensors(CONFIG, 0).items() if not k.startswith("model.layers.")}
+    message = load_error(write_checkpoint(tmp_path, CONFIG, w))
     assert "missing" in message and "more" in message
 
 
 def test_wrong_shape_names_tensor_and_both_shapes(tmp_path):
-    w = tensors()
+    w = random_tensors(CONFIG, 0)
     name = "model.layers.1.self_attn.k_proj.weight"
     w[name] = torch.zeros(24, 32)  # expected (2 KV heads * 8, 32) = (16, 32)
-    message = load_error(write(tmp_path, w))
+    message = load_error(write_checkpoint(tmp_path, CONFIG, w))
     assert name in message and "(24, 32)" in message and "(16, 32)" in message
 
 
 def test_unexpected_tensor_is_named(tmp_path):
-    w = {**tensors(), "model.layers.0.self_attn.q_norm.weight": torch.ones(8)}
-    assert "model.layers.0.self_attn.q_norm.weight" in load_error(write(tmp_path, w))
+    w = {**random_tensors(CONFIG, 0), "model.layers.0.self_attn.q_norm.weight": torch.ones(8)}
+    assert "model.layers.0.self_attn.q_norm.weight" in load_error(write_checkpoint(tmp_path, CONFIG, w))
 
 
 def test_bias_in_a_checkpoint_without_attention_bias_is_unexpected(tmp_path):
-    w = {**tensors(), "model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}
-    assert "model.layers.0.self_attn.q_proj.bias" in load_error(write(tmp_path, w))
+    w = {**random_tensors(CONFIG, 0), "model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}
+    assert "model.layers.0.self_attn.q_proj.bias" in load_error(write_checkpoint(tmp_path, CONFIG, w))
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool])
 def test_integer_tensor_is_an_error(tmp_path, dtype):
-    w = tensors()
+    w = random_tensors(CONFIG, 0)
     w["model.norm.weight"] = torch.ones(32, dtype=dtype)
-    message = load_error(write(tmp_path, w))
+    message = load_error(write_checkpoint(tmp_path, CONFIG, w))
     assert "model.norm.weight" in message and "dtype" in message
 
 
@@ -194,32 +160,32 @@ def test_integer_tensor_is_an_error(tmp_path, dtype):
 
 @pytest.mark.parametrize("keep", [0.5, 0.9, 0.0001])
 def test_truncated_safetensors_file(tmp_path, keep):
-    path = write(tmp_path, tensors())
+    path = write_checkpoint(tmp_path, CONFIG, random_tensors(CONFIG, 0))
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[:max(1, int(len(data) * keep))])
     assert "model.safetensors" in load_error(path)
 
 
 def test_garbage_safetensors_file(tmp_path):
-    path = write(tmp_path, tensors())
+    path = write_checkpoint(tmp_path, CONFIG, random_tensors(CONFIG, 0))
     (path / "model.safetensors").write_bytes(b"this is not a safetensors file at all" * 10)
     assert "model.safetensors" in load_error(path)
 
 
 def test_no_weights_file(tmp_path):
-    path = write(tmp_path, tensors())
+    path = write_checkpoint(tmp_path, CONFIG, random_tensors(CONFIG, 0))
     (path / "model.safetensors").unlink()
     assert "model.safetensors" in load_error(path)
 
 
 def test_index_naming_a_missing_shard(tmp_path):
-    path = write_sharded(tmp_path, tensors(), 3)
+    path = write_sharded(tmp_path, random_tensors(CONFIG, 0), 3)
     (path / "model-00002-of-00003.safetensors").unlink()
     assert "model-00002-of-00003.safetensors" in load_error(path)
 
 
 def test_invalid_index(tmp_path):
-    path = write_sharded(tmp_path, tensors(), 2)
+    path = write_sharded(tmp_path, random_tensors(CONFIG, 0), 2)
     (path / "model.safetensors.index.json").write_text("{\"weight_map\": ")
     assert "model.safetensors.index.json" in load_error(path)
 
@@ -231,21 +197,21 @@ def test_not_a_directory(tmp_path):
 # ---------------------------------------------------------------------------- config errors
 
 def test_config_missing(tmp_path):
-    path = write(tmp_path, tensors())
+    path = write_checkpoint(tmp_path, CONFIG, random_tensors(CONFIG, 0))
     (path / "config.json").unlink()
     assert "config.json" in load_error(path)
 
 
 @pytest.mark.parametrize("text", ["{\"hidden_size\": 32,", "", "not json", "\xff\xfe"])
 def test_config_invalid_json(tmp_path, text):
-    path = write(tmp_path, tensors())
+    path = write_checkpoint(tmp_path, CONFIG, random_tensors(CONFIG, 0))
     (path / "config.json").write_bytes(text.encode("latin-1"))
     message = load_error(path)
     assert "config.json" in message and "JSON" in message
 
 
 def test_config_not_an_object(tmp_path):
-    path = write(tmp_path, tensors())
+    path = write_checkpoint(tmp_path, CONFIG, random_tensors(CONFIG, 0))
     (path / "config.json").write_text("[1, 2, 3]")
     assert "config.json" in load_error(path)
 
@@ -253,7 +219,7 @@ def test_config_not_an_object(tmp_path):
 @pytest.mark.parametrize("architectures", [["MistralForCausalLM"], ["GPT2LMHeadModel"], [], None])
 def test_unsupported_architecture(tmp_path, architectures):
     config = {**CONFIG, "architectures": architectures}
-    message = load_error(write(tmp_path, tensors(), config))
+    message = load_error(write_checkpoint(tmp_path, config, random_tensors(CONFIG, 0)))
     assert "architecture" in message and "not supported" in message
     assert all(name in message for name in SUPPORTED_ARCHITECTURES)  # says what would work
     if architectures:
@@ -264,35 +230,35 @@ def test_unsupported_architecture(tmp_path, architectures):
                                      {"type": "longrope", "factor": 2.0}, {"rope_type": "su"}])
 def test_unsupported_rope_type(tmp_path, scaling):
     config = {**CONFIG, "rope_scaling": scaling}
-    message = load_error(write(tmp_path, tensors(), config))
+    message = load_error(write_checkpoint(tmp_path, config, random_tensors(CONFIG, 0)))
     kind = scaling.get("rope_type", scaling.get("type"))
     assert kind in message and "not supported" in message
 
 
 def test_config_missing_key(tmp_path):
     config = {k: v for k, v in CONFIG.items() if k != "intermediate_size"}
-    assert "intermediate_size" in load_error(write(tmp_path, tensors(), config))
+    assert "intermediate_size" in load_error(write_checkpoint(tmp_path, config, random_tensors(CONFIG, 0)))
 
 
 @pytest.mark.parametrize("change", [{"num_key_value_heads": 3}, {"head_dim": 7}, {"hidden_size": 0},
                                     {"vocab_size": "many"}])
 def test_config_inconsistent_sizes(tmp_path, change):
     config = {**CONFIG, **change}
-    assert "config.json" in load_error(write(tmp_path, tensors(), config))
+    assert "config.json" in load_error(write_checkpoint(tmp_path, config, random_tensors(CONFIG, 0)))
 
 
 def test_sliding_window_is_refused(tmp_path):
     config = {**CONFIG, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True}
-    assert "sliding" in load_error(write(tmp_path, tensors(), config))
+    assert "sliding" in load_error(write_checkpoint(tmp_path, config, random_tensors(CONFIG, 0)))
 
 
 @pytest.mark.parametrize("scaling", [{"rope_type": "linear"}, {"rope_type": "llama3", "factor": 8.0},
                                      {"rope_type": "dynamic"}, [1]])
 def test_incomplete_rope_scaling_is_a_checkpoint_error(tmp_path, scaling):
     config = {**CONFIG, "rope_scaling": scaling}
-    assert "rope_scaling" in load_error(write(tmp_path, tensors(), config))
+    assert "rope_scaling" in load_error(write_checkpoint(tmp_path, config, random_tensors(CONFIG, 0)))
 
 
 @pytest.mark.parametrize("change", [{"hidden_act": "gelu"}, {"mlp_bias": True}])
 def test_unsupported_mlp_is_refused(tmp_path, change):
-    assert "SwiGLU" in load_error(write(tmp_path, tensors(), {**CONFIG, **change}))
+    assert "SwiGLU" in load_error(write_checkpoint(tmp_path, {**CONFIG, **change}, random_tensors(CONFIG, 0)))

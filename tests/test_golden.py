@@ -6,12 +6,12 @@ SmolLM2-135M-Instruct: as converted by weights/smollm2.py (the `smollm2_dir` fix
 """
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from conftest import BOOKS, SHARED, STORIES
+
 if not SHARED.is_dir():
     pytest.skip(f"{SHARED} is absent: the golden tests need the shared models and reference.json",
                 allow_module_level=True)
@@ -20,17 +20,14 @@ from engine import Engine  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from model import KVCache  # noqa: E402
 
-STORIES = SHARED / "models" / "stories260K"
-BOOK = SHARED / "data" / "books" / "pride_and_prejudice.txt"
+BOOK = BOOKS / "pride_and_prejudice.txt"
 SPECIAL_TEXTS = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
 
 
 def forward_logits(model, ids):
     """float32 logits (T, vocab) of one causal forward over ids at positions 0..T-1."""
-    cache = KVCache(model.config, 1, len(ids), "cpu", torch.float32)
     with torch.inference_mode():
-        hidden = model(torch.tensor([ids]), torch.arange(len(ids))[None], cache.prefill_attend(0))
-        return model.logits(hidden[0])
+        return model.causal_logits(torch.tensor([ids]))[0]
 
 
 def next_token_nll(logits, ids):

@@ -4,19 +4,18 @@ Skipped on machines without CUDA (CI); run on the GPU machine with `python -m py
 """
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO
 from engine import Engine
 from hybrid import HybridConfig
 from locret import LocretConfig, RetainingHeads
 from methods import METHODS
-from model import KVCache
 from parallelcomp import Calibration, ParallelCompConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+sys.path.insert(0, str(REPO / "eval"))
 from passkey import INSTRUCTION, QUESTION, passkey_document  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,10 +32,8 @@ NEAR_TIE = 0.02  # logits; bf16 activations and KV move SmolLM2's logits by abou
 def float32_margins(model, prompt_ids, ids):
     """Teacher-forced float32 margins between the two best logits at each generated step."""
     tokens = torch.tensor([prompt_ids + ids], device="cuda")
-    cache = KVCache(model.config, 1, tokens.shape[1], "cuda", torch.float32)
     with torch.inference_mode():
-        hidden = model(tokens, torch.arange(tokens.shape[1], device="cuda")[None], cache.prefill_attend(0))
-        top2 = model.logits(hidden[0, len(prompt_ids) - 1:-1]).topk(2).values
+        top2 = model.causal_logits(tokens)[0, len(prompt_ids) - 1:-1].topk(2).values
     return (top2[:, 0] - top2[:, 1]).tolist()
 
 

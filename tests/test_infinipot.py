@@ -8,7 +8,6 @@ prompt's end attending to the kept cache. Tolerance: relative error <= 1e-5 on s
 """
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,14 +15,13 @@ import torch.nn.functional as F
 
 import infinipot
 from checkpoint import load_model
+from conftest import BOOKS, STORIES
 from infinipot import InfiniPotConfig
 from model import KVCache
 from prefill import OptionError, Prompt, causal_prefill
 from reference import load_float64, ref_forward, ref_rotations, rel_err
 from tokenizer import Tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-STORIES = SHARED / "models" / "stories260K"
 M, C = 256, 128
 TOL = 1e-5
 
@@ -33,7 +31,7 @@ class Setup:
         self.model = load_model(STORIES, "cpu", torch.float32)
         self.tok = Tokenizer.from_dir(STORIES)
         self.w, self.cfg = load_float64(STORIES)
-        text = (SHARED / "data" / "books" / "frankenstein.txt").read_text()[20000:60000]
+        text = (BOOKS / "frankenstein.txt").read_text()[20000:60000]
         self.text_ids = self.tok.encode(text)
         self.head = [1] + self.tok.encode("Read the story.")
         self.question = self.tok.encode(" What did the monster see?")

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from collections import OrderedDict
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,14 +20,12 @@ from safetensors.torch import save_file
 
 import locret
 from checkpoint import CheckpointError, load_model
+from conftest import BOOKS, REPO, STORIES
 from locret import LocretConfig, RetainedCache, RetainingHeads, load_heads, save_heads
 from prefill import OptionError, Prompt, causal_prefill
 from reference import load_float64, ref_forward, ref_rotations, rel_err
 from tokenizer import Tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-STORIES = SHARED / "models" / "stories260K"
 TOL = 1e-5
 BUDGET, CHUNK, STABILIZERS = 96, 48, 24
 
@@ -39,7 +36,7 @@ class Setup:
         self.config = self.model.config
         self.w, self.cfg = load_float64(STORIES)
         tok = Tokenizer.from_dir(STORIES)
-        text = (SHARED / "data" / "books" / "frankenstein.txt").read_text()[20000:26000]
+        text = (BOOKS / "frankenstein.txt").read_text()[20000:26000]
         self.prompt = Prompt([1] + tok.encode("Read the story."), tok.encode(text)[:298],
                              [1] + tok.encode("What did the monster see?"), 1, frozenset({2}))
         torch.manual_seed(0)

@@ -10,81 +10,20 @@ Tolerance: relative error ||a - b|| / ||b|| of the float32 logits <= 1e-5 (measu
 
 import json
 import math
-from pathlib import Path
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from checkpoint import load_model
+from conftest import REPO, STORIES, hf_config, random_tensors, write_checkpoint
 from model import KVCache
 from reference import load_float64, ref_forward, ref_head_dim, ref_inv_freq, ref_rope_type, rel_err
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 REL_TOL = 1e-5
-
-
-# ---------------------------------------------------------------------------- random checkpoints
-
-def hf_config(**overrides):
-    cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": 101, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "rope_scaling": None, "tie_word_embeddings": False, "attention_bias": False,
-        "hidden_act": "silu", "torch_dtype": "float32",
-    }
-    cfg.update(overrides)
-    return cfg
-
-
-def random_tensors(cfg, seed):
-    """HF-named float32 tensors, scaled so activations stay O(1) and logits O(1-10)."""
-    g = torch.Generator().manual_seed(seed)
-    dim, ffn, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    H, d = cfg["num_attention_heads"], ref_head_dim(cfg)
-    Hkv = cfg.get("num_key_value_heads") or H
-
-    def normal(*shape, std):
-        return torch.randn(*shape, generator=g) * std
-
-    def norm_weight():
-        return 1 + normal(dim, std=0.2)
-
-    w = {"model.embed_tokens.weight": normal(V, dim, std=1.0), "model.norm.weight": norm_weight()}
-    if not cfg["tie_word_embeddings"]:
-        w["lm_head.weight"] = normal(V, dim, std=3 / dim ** 0.5)
-    # HF: Qwen2 always has q/k/v biases and no o_proj bias; Llama's attention_bias gives q/k/v and o_proj biases
-    qwen2 = cfg["architectures"][0] == "Qwen2ForCausalLM"
-    qkv_bias = qwen2 or cfg.get("attention_bias", False)
-    o_bias = not qwen2 and cfg.get("attention_bias", False)
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = norm_weight()
-        w[p + "post_attention_layernorm.weight"] = norm_weight()
-        # larger q/k so that attention is far from uniform and positions matter
-        w[p + "self_attn.q_proj.weight"] = normal(H * d, dim, std=2 / dim ** 0.5)
-        w[p + "self_attn.k_proj.weight"] = normal(Hkv * d, dim, std=2 / dim ** 0.5)
-        w[p + "self_attn.v_proj.weight"] = normal(Hkv * d, dim, std=1 / dim ** 0.5)
-        w[p + "self_attn.o_proj.weight"] = normal(dim, H * d, std=1 / (H * d) ** 0.5)
-        if qkv_bias:
-            w[p + "self_attn.q_proj.bias"] = normal(H * d, std=0.5)
-            w[p + "self_attn.k_proj.bias"] = normal(Hkv * d, std=0.5)
-            w[p + "self_attn.v_proj.bias"] = normal(Hkv * d, std=0.5)
-        if o_bias:
-            w[p + "self_attn.o_proj.bias"] = normal(dim, std=0.5)
-        w[p + "mlp.gate_proj.weight"] = normal(ffn, dim, std=1 / dim ** 0.5)
-        w[p + "mlp.up_proj.weight"] = normal(ffn, dim, std=1 / dim ** 0.5)
-        w[p + "mlp.down_proj.weight"] = normal(dim, ffn, std=1 / ffn ** 0.5)
-    return w
-
-
-def write_checkpoint(path, cfg, tensors):
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps(cfg))
-    return path
 
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -135,13 +74,17 @@ def case(request, tmp_path_factory):
     return Case(request.param, tmp_path_factory)
 
 
-def full_logits(model, tokens, positions=None, capacity=None):
-    T = len(tokens)
-    positions = list(range(T)) if positions is None else positions
-    cache = KVCache(model.config, 1, capacity or T, "cpu", torch.float32)
+def causal_logits(model, tokens):
+    with torch.inference_mode():
+        return model.causal_logits(torch.tensor([tokens]))[0]
+
+
+def prefill_logits(model, tokens, positions):
+    """Logits of one forward at explicit positions through a cache (prefill_attend)."""
+    cache = KVCache(model.config, 1, len(tokens), "cpu", torch.float32)
     with torch.inference_mode():
         hidden = model(torch.tensor([tokens]), torch.tensor([positions]), cache.prefill_attend(0))
-        assert hidden.shape == (1, T, model.config.dim)
+        assert hidden.shape == (1, len(tokens), model.config.dim)
         return model.logits(hidden)[0]
 
 
@@ -182,7 +125,7 @@ def test_configs_exercise_what_they_claim():
 def test_full_forward_matches_reference(case):
     ref = case.ref()
     assert 1 < ref.std() < 20, "random weights should give O(1-10) logits"
-    ours = full_logits(case.model, case.tokens)
+    ours = causal_logits(case.model, case.tokens)
     assert ours.dtype == torch.float32 and ours.shape == (case.T, case.cfg["vocab_size"])
     assert rel_err(ours, ref) <= REL_TOL
 
@@ -208,7 +151,7 @@ def usable_length(case):
 def test_decode_one_token_at_a_time_matches_full_forward(case):
     T = usable_length(case)
     tokens = case.tokens[:T]
-    full = full_logits(case.model, tokens)
+    full = causal_logits(case.model, tokens)
     cache = KVCache(case.model.config, 1, T, "cpu", torch.float32)
     steps = []
     with torch.inference_mode():
@@ -224,7 +167,7 @@ def test_decode_one_token_at_a_time_matches_full_forward(case):
 def test_prefill_blocks_then_decode_matches_full_forward(case):
     T = usable_length(case)
     tokens = case.tokens[:T]
-    full = full_logits(case.model, tokens)
+    full = causal_logits(case.model, tokens)
     capacity = T + 3  # spare room: attention must only see the live part of the cache
     cache = KVCache(case.model.config, 1, capacity, "cpu", torch.float32)
     pieces = []
@@ -245,7 +188,7 @@ def test_prefill_blocks_then_decode_matches_full_forward(case):
 def test_explicit_positions_100_to_109(case):
     tokens = case.tokens[:10]
     positions = list(range(100, 110))
-    ours = full_logits(case.model, tokens, positions)
+    ours = prefill_logits(case.model, tokens, positions)
     assert rel_err(ours, case.ref(tokens, positions)) <= REL_TOL
 
 
@@ -280,3 +223,51 @@ def test_batch_rows_are_independent(case):
         logits = case.model.logits(hidden)
     for b in range(2):
         assert rel_err(logits[b], case.ref(rows[b], positions[b])) <= REL_TOL
+
+
+# ---------------------------------------------------------------------------- model.py on its own
+
+ALONE = """
+import json, sys
+import torch
+import model
+config = model.ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48,
+                           norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=64,
+                           tie_word_embeddings=True, attention_bias=False, output_bias=False)
+llama = model.build_model(config, "cpu", torch.float32)
+torch.manual_seed(0)
+for p in llama.parameters():
+    p.normal_(0, 0.3)
+logits = llama.causal_logits(torch.randint(0, 50, (2, 7)))
+print(json.dumps(dict(model=model.__file__, modules=sorted(sys.modules), path=sys.path,
+                      shape=list(logits.shape), finite=bool(logits.isfinite().all()))))
+"""
+
+
+def test_model_py_and_llama_triton_py_are_all_a_copy_needs(tmp_path):
+    """The two files copied into another project run a Llama there: no other module of this
+    repository is imported (nor on the path; torch comes from the interpreter's site-packages)."""
+    for name in ("model.py", "llama_triton.py"):
+        shutil.copy(REPO / name, tmp_path / name)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-c", ALONE], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["model"] == str(tmp_path / "model.py")
+    assert not any((tmp_path / entry).resolve().is_relative_to(REPO) for entry in out["path"])  # "" is the cwd
+    ours = {f.stem for f in REPO.glob("*.py")} | {"weights", "tests", "eval", "tools", "reference", "conftest"}
+    assert set(out["modules"]) & ours <= {"model", "llama_triton"}  # llama_triton where Triton imports
+    assert out["shape"] == [2, 7, 50] and out["finite"]
+
+
+def test_a_foreign_module_named_llama_triton_is_not_used(tmp_path):
+    """Another package's llama_triton, first on the path, is imported but model.py does not take
+    it for its kernels: it lacks KERNELS_FOR = "model.py"."""
+    (tmp_path / "llama_triton.py").write_text('"""Some other project\'s module of that name."""\nFOREIGN = True\n')
+    script = "import llama_triton, model; print(llama_triton.__file__, llama_triton.FOREIGN, model.kernels)"
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [str(tmp_path / "llama_triton.py"), "True", "None"]

@@ -3,29 +3,27 @@
 stories260K (a real Llama with BOS, trained on 512 tokens) is the model; contexts of a few hundred
 tokens cut into 150-token chunks make every step visible: chunk scores, which chunks survive,
 where each kept token lands in the assembled cache, the positions of the question, and what KV
-eviction and calibration remove.
+eviction and calibration remove. chunk_spans is also checked on any lengths (hypothesis).
 """
 
 import gc
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 import parallelcomp
-from engine import Engine
 from checkpoint import load_model
+from conftest import BOOKS, STORIES, needs_stories
+from engine import Engine
 from parallelcomp import Calibration, ChunkCache, ParallelCompConfig, chunk_spans
-from prefill import OptionError, Prompt
+from prefill import Prompt
 from reference import load_float64, ref_forward, rel_err
 from tokenizer import Tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-STORIES = SHARED / "models" / "stories260K"
-pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is absent")
 TOL = 1e-5
 
 
@@ -34,7 +32,7 @@ class Setup:
         self.model = load_model(STORIES, "cpu", torch.float32)
         self.tok = Tokenizer.from_dir(STORIES)
         self.w, self.cfg = load_float64(STORIES)
-        text = (SHARED / "data" / "books" / "frankenstein.txt").read_text()[20000:26000]
+        text = (BOOKS / "frankenstein.txt").read_text()[20000:26000]
         self.context = self.tok.encode(text)[:607]  # 4 chunks of 151-152 tokens at chunk_tokens=152
         self.head = [1] + self.tok.encode("Read the story.")
         self.question = [1] + self.tok.encode("What did the monster see?")
@@ -84,6 +82,23 @@ def test_chunk_spans_by_hand():
     assert chunk_spans(7, 2) == [range(0, 1), range(1, 3), range(3, 5), range(5, 7)]
 
 
+@given(n_tokens=st.integers(1, 100_000), chunk_tokens=st.integers(1, 10_000))
+def test_chunks_cover_the_context_once_in_order_within_budget(n_tokens, chunk_tokens):
+    spans = chunk_spans(n_tokens, chunk_tokens)
+    assert spans[0].start == 0 and spans[-1].stop == n_tokens
+    assert all(a.stop == b.start for a, b in zip(spans, spans[1:]))  # contiguous: each token once, in order
+    assert all(span.step == 1 for span in spans)
+    assert len(spans) == math.ceil(n_tokens / chunk_tokens)
+    lengths = [len(span) for span in spans]
+    assert 1 <= min(lengths) and max(lengths) <= chunk_tokens
+    assert max(lengths) - min(lengths) <= 1
+
+
+def test_empty_context_is_one_empty_chunk():
+    assert chunk_spans(0, 5) == [range(0, 0)]  # ParallelComp still has a chunk (the head) to rank
+
+
+@needs_stories
 def test_chunk_scores_equal_independent_nll(setup, references):
     """Batched, right-padded chunk prefill: each chunk's score equals the question's NLL from a
     float64 forward of that chunk alone, summed and divided by (Lq - 1)."""
@@ -95,8 +110,40 @@ def test_chunk_scores_equal_independent_nll(setup, references):
     assert len({round(c.nll, 3) for c in chunks}) == len(chunks), "distinct scores make the ranking meaningful"
 
 
+# Under --chat the question block ends with the template's end of turn (an EOS): ParallelComp scores
+# the question, not the end of turn. The code before the redesign (4f7e147) had query_nll(logits,
+# targets) with no eos_ids and scored every target, so both tests below fail there.
+
+def test_query_nll_skips_end_of_turn_targets():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 11, generator=g) * 3
+    targets = [1, 7, 4, 2, 9, 2]  # EOS 2 twice
+    nll = [-torch.log_softmax(logits[i].double(), 0)[t].item() for i, t in enumerate(targets)]
+    # the sum over the non-EOS targets divided by Lq - 1 = 5 (the first target is the question's BOS)
+    expected = (nll[0] + nll[1] + nll[2] + nll[4]) / 5
+    assert parallelcomp.query_nll(logits, torch.tensor(targets), frozenset({2})) == pytest.approx(expected, rel=1e-6)
+    assert parallelcomp.query_nll(logits, torch.tensor(targets)) == pytest.approx(sum(nll) / 5, rel=1e-6)
+
+
+@needs_stories
+def test_chunk_scores_ignore_the_questions_end_of_turn(setup):
+    """encode_chunks passes prompt.eos_ids: a question ending with EOS scores as the float64 NLL of
+    its other tokens."""
+    question = setup.question + [2]
+    prompt = Prompt(setup.head, setup.context[:60], question, bos_id=1, eos_ids=frozenset({2}))
+    ids = prompt.ids()
+    logits = ref_forward(setup.w, setup.cfg, ids, list(range(len(ids))))
+    start = len(setup.head) + 60 - 1
+    nll = F.cross_entropy(logits[start:start + len(question)], torch.tensor(question), reduction="none")
+    with torch.inference_mode():
+        [chunk] = parallelcomp.encode_chunks(setup.model, prompt, [range(0, 60)], 0, None)
+    assert chunk.nll == pytest.approx(nll[:-1].sum().item() / (len(question) - 1), rel=TOL)
+    assert nll[-1] > 0.1 * nll[:-1].sum(), "scoring the EOS would change the NLL by more than the tolerance"
+
+
 # ---------------------------------------------------------------------------- assembly and the query pass
 
+@needs_stories
 def test_assembled_cache_and_query_pass_match_reference(setup, references):
     """k = 2 of 4 chunks: the kept chunks are the two lowest-NLL ones in document order; the cache
     is the first kept chunk's [BOS head text] and the second's [head text] (BOS dropped), as the
@@ -130,6 +177,7 @@ def test_assembled_cache_and_query_pass_match_reference(setup, references):
         assert rel_err(res.cache.k[layer, 0, :, S:S + Lq].transpose(0, 1), r["k"]) <= TOL
 
 
+@needs_stories
 def test_top_k_at_least_n_keeps_every_chunk(setup):
     res = run_prefill(setup, ParallelCompConfig(chunk_tokens=152, top_k_chunks=5))
     assert res.stats["kept_chunks"] == [0, 1, 2, 3]
@@ -142,6 +190,7 @@ def test_chunk_eviction_ties_keep_the_later_chunk():
     assert [c.index for c in parallelcomp.chunk_eviction(chunks, 2)] == [1, 2]
 
 
+@needs_stories
 def test_one_chunk_gives_the_tokens_of_plain_inference():
     """A prompt that fits one chunk: ParallelComp's prefill then decode equals plain inference on
     the same [BOS instruction context][BOS question] layout."""
@@ -187,6 +236,7 @@ def test_kv_eviction_selects_the_top_n_of_an_independent_score():
     assert got.tolist() == independent_eviction(q.transpose(0, 1), k.transpose(0, 1), range(1, 55), 12)
 
 
+@needs_stories
 def test_kv_eviction_in_prefill_matches_reference(setup, references):
     """kv_budget = 40: each kept chunk stores BOS + exactly 40 context tokens per KV head, the top 40
     of the float64 score; the query pass over that thinned cache matches the float64 forward."""
@@ -246,6 +296,7 @@ def test_calibration_spec():
 
 # stories260K's last question token attends mostly to recent tokens (no BOS sink): thresholds
 # chosen so that every region has tokens above them
+@needs_stories
 @pytest.mark.parametrize("cal", [Calibration("sink", 1, 3, threshold=0.01), Calibration("all", 0, 4),
                                  Calibration("middle", 1, 3, threshold=0.05), Calibration("recent", 2, 2)],
                          ids=lambda c: f"{c.region}:{c.first_layer}-{c.last_layer}@{c.threshold}")
@@ -283,6 +334,7 @@ def test_calibration_evicts_exactly_the_expected_tokens_in_chosen_layers(setup, 
     assert total > 0, "tokens above the threshold exist: the test exercises eviction"
 
 
+@needs_stories
 def test_decoding_after_calibration_sees_each_layers_own_cache(setup):
     """After calibration the layers hold different lengths; a decoded token attends, in each layer,
     to exactly that layer's kept tokens plus itself (float64 forward with those caches as past)."""
@@ -298,6 +350,24 @@ def test_decoding_after_calibration_sees_each_layers_own_cache(setup):
     assert res.cache.lens.tolist() == [n + 1 for n in lens]
     expected = ref_forward(setup.w, setup.cfg, [token], [res.next_position], past=past)[0]
     assert rel_err(logits, expected) <= TOL
+
+
+@needs_stories
+def test_kv_and_calibration_evictions_are_reported_apart(setup):
+    """With both KV eviction and calibration: kv_evicted_tokens counts, per KV head, the context
+    tokens the budget dropped from the kept chunks (the same in every layer, so once), and
+    calibration_evicted_tokens the cache entries calibration dropped, summed over its layers. The
+    code before the redesign (4f7e147) reported their sum as one evicted_tokens."""
+    budget, cal = 40, Calibration("all", 1, 3)
+    res = run_prefill(setup, ParallelCompConfig(chunk_tokens=152, top_k_chunks=2, kv_budget=budget, calibration=cal))
+    spans = res.stats["kept_spans"]
+    assert len(spans) == 2
+    # each kept chunk: BOS + head text + its span, of which BOS and `budget` tokens stay
+    assert res.stats["kv_evicted_tokens"] == sum(len(setup.head) + (b - a) - 1 - budget for a, b in spans)
+    N = (budget + 1) + budget + len(setup.question)  # the first chunk keeps its BOS, the second drops it
+    lens = res.cache.lens.tolist()
+    assert lens[0] == lens[4] == N  # layers outside 1..3 keep everything
+    assert res.stats["calibration_evicted_tokens"] == sum(N - n for n in lens[1:4]) > 0
 
 
 # ---------------------------------------------------------------------------- bounded memory
@@ -320,6 +390,7 @@ class CountingModel:
         return hidden
 
 
+@needs_stories
 @pytest.mark.parametrize("n_chunks", [70, 140])
 def test_live_chunk_caches_stay_bounded(setup, n_chunks, monkeypatch):
     """70 or 140 chunks of ~500 tokens: at most k + one batch of chunk caches is ever alive, the same

@@ -6,15 +6,15 @@ chunk eviction must keep the one holding the key, whose K/V then serve the answe
 """
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO
 from engine import Engine
 from parallelcomp import ParallelCompConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+sys.path.insert(0, str(REPO / "eval"))
 from passkey import INSTRUCTION, QUESTION, passkey_document  # noqa: E402
 
 

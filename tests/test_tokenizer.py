@@ -1,16 +1,14 @@
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import sentencepiece
 import tokenizers
 from hypothesis import given, settings, strategies as st
 
+from conftest import MODELS, STORIES
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
-MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
-STORIES = MODELS / "stories260K"
 LLAMA2 = MODELS / "llama2-tokenizer"
 LLAMA3 = MODELS / "llama3-tokenizer"
 

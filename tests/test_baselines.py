@@ -1,0 +1,153 @@
+"""baselines.py against hand-computed layouts and the float64 reference forward (tests/reference.py).
+
+stories260K (window 512) with an answer budget of 400 leaves room for 112 prompt tokens: a
+300-token prompt is cut by truncate and streams through StreamingLLM's cache in blocks of 14
+(an eighth of the room), which evicts 188 tokens over 13 blocks. Tolerance: relative error <= 1e-5.
+"""
+
+import pytest
+import torch
+
+import baselines
+from baselines import BaselineConfig
+from checkpoint import load_model
+from conftest import BOOKS, STORIES, needs_stories
+from prefill import OptionError, Prompt
+from reference import load_float64, ref_forward, ref_rotations, rel_err
+from tokenizer import Tokenizer
+
+pytestmark = needs_stories
+TOL = 1e-5
+ANSWER = 400
+ROOM = 112  # 512 - ANSWER
+SINKS = 4  # StreamingLLM's attention sinks
+BLOCK = 14  # ROOM // 8
+
+
+class Setup:
+    def __init__(self):
+        self.model = load_model(STORIES, "cpu", torch.float32)
+        self.w, self.cfg = load_float64(STORIES)
+        tok = Tokenizer.from_dir(STORIES)
+        text = (BOOKS / "frankenstein.txt").read_text()[20000:26000]
+        self.prompt = Prompt([1], tok.encode(text)[:299], [], bos_id=1, eos_ids=frozenset({2}))
+        self.ids = self.prompt.ids()
+
+
+@pytest.fixture(scope="module")
+def s():
+    return Setup()
+
+
+def rotate(rows, cfg, positions, inverse=False):
+    """RoPE of rows (T, heads, d) at positions, or its inverse, by tests/reference.py's matrices."""
+    return torch.einsum("tji,thj->thi" if inverse else "tij,thj->thi", ref_rotations(cfg, list(positions)), rows)
+
+
+def test_room_is_the_window_less_the_answer(s):
+    assert baselines.SINK_TOKENS == SINKS
+    assert baselines.room(s.model, ANSWER) == ROOM
+    assert baselines.room(s.model, 507) == 5
+    for prefill in (baselines.prefill_truncate, baselines.prefill_streaming):
+        with pytest.raises(OptionError) as e:
+            prefill(s.model, s.prompt, BaselineConfig(), 508)  # 508 + 4 sinks fill the window
+        assert e.value.param == "max_new_tokens" and str(e.value).startswith("max_new_tokens must leave room")
+
+
+# ---------------------------------------------------------------------------- full and truncate
+
+def test_full_is_a_causal_forward_of_the_prompt(s):
+    prompt = Prompt([1], s.prompt.context[:39], [1, 5, 6], bos_id=1)
+    ids = prompt.ids()
+    record = []
+    logits = ref_forward(s.w, s.cfg, ids, list(range(len(ids))), record=record)
+    with torch.inference_mode():
+        got = baselines.prefill_full(s.model, prompt, BaselineConfig(), 10)
+    assert rel_err(got.logits, logits[-1]) <= TOL
+    assert got.next_position == len(ids) == 43 and got.cache.lens.tolist() == [43] * 5
+    assert got.cache.capacity >= 43 + 10
+    for layer, r in enumerate(record):
+        assert rel_err(got.cache.k[layer, 0, :, :43].transpose(0, 1), r["k"]) <= TOL
+    assert got.stats == dict(truncated_tokens=0, forwards=[[43, 43]], scored_tokens=0)
+
+
+def test_truncate_by_hand():
+    ids = list(range(100, 120))
+    assert baselines.truncate(ids, 7) == [100, 101, 102, 116, 117, 118, 119]
+    assert baselines.truncate(ids, 8) == [100, 101, 102, 103, 116, 117, 118, 119]
+    assert baselines.truncate(ids, 20) == ids
+    assert baselines.truncate(ids, 30) == ids
+
+
+def test_prefill_truncate_keeps_both_ends_of_the_prompt(s):
+    """room 112: the first 56 and the last 56 of the 300 prompt tokens, at positions 0..111."""
+    kept = s.ids[:56] + s.ids[244:]
+    assert len(kept) == ROOM and baselines.truncate(s.ids, ROOM) == kept
+    record = []
+    logits = ref_forward(s.w, s.cfg, kept, list(range(ROOM)), record=record)
+    with torch.inference_mode():
+        got = baselines.prefill_truncate(s.model, s.prompt, BaselineConfig(), ANSWER)
+    assert rel_err(got.logits, logits[-1]) <= TOL
+    for layer, r in enumerate(record):  # every kept token's key, so the kept ids and their order
+        assert rel_err(got.cache.k[layer, 0, :, :ROOM].transpose(0, 1), r["k"]) <= TOL
+    assert got.next_position == ROOM and got.cache.lens.tolist() == [ROOM] * 5
+    assert got.stats == dict(truncated_tokens=188, forwards=[[ROOM, ROOM]], scored_tokens=0)
+
+
+# ---------------------------------------------------------------------------- streaming
+
+def reference_streaming(w, cfg, ids):
+    """StreamingLLM over ids in float64, block by block: a block first evicts the oldest tokens
+    after the sinks that would overflow the room, then attends, at the positions after the
+    cache's, to what the cache holds and to itself. A token's K and V are those of the forward
+    that encoded it (they depend on what it attended to then); keys are kept before RoPE and
+    rotated at the cache positions 0..n-1 that the cache holds them at now.
+
+    Returns (the prompt indices the cache holds, in slot order; per layer (K, V) (n, H_kv, d);
+    the logits at the last token)."""
+    L, Hkv, d = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
+    empty = torch.zeros(0, Hkv, d, dtype=torch.float64)
+    kept, raw_k, v = [], [empty] * L, [empty] * L  # raw_k: keys before RoPE
+    for start in range(0, len(ids), BLOCK):
+        tokens = ids[start:start + BLOCK]
+        drop = max(0, len(kept) + len(tokens) - ROOM)
+        stay = [j for j in range(len(kept)) if not SINKS <= j < SINKS + drop]
+        kept, raw_k, v = [kept[j] for j in stay], [k[stay] for k in raw_k], [x[stay] for x in v]
+        n, positions, record = len(kept), range(len(kept), len(kept) + len(tokens)), []
+        past = [(rotate(raw_k[i], cfg, range(n)), v[i]) for i in range(L)] if n else None
+        logits = ref_forward(w, cfg, tokens, list(positions), past=past, record=record)
+        raw_k = [torch.cat([raw_k[i], rotate(r["k"], cfg, positions, inverse=True)]) for i, r in enumerate(record)]
+        v = [torch.cat([v[i], r["v"]]) for i, r in enumerate(record)]
+        kept += range(start, start + len(tokens))
+    return kept, [(rotate(raw_k[i], cfg, range(len(kept))), v[i]) for i in range(L)], logits[-1]
+
+
+def test_streaming_cache_against_a_float64_replay(s):
+    kept, past, logits = reference_streaming(s.w, s.cfg, s.ids)
+    assert kept == [0, 1, 2, 3] + list(range(192, 300))  # the sinks and the 108 most recent tokens
+    with torch.inference_mode():
+        got = baselines.prefill_streaming(s.model, s.prompt, BaselineConfig(), ANSWER)
+    assert got.next_position == ROOM and got.cache.lens.tolist() == [ROOM] * 5
+    assert rel_err(got.logits, logits) <= TOL
+    for layer, (k, v) in enumerate(past):
+        assert rel_err(got.cache.k[layer, 0, :, :ROOM].transpose(0, 1), k) <= TOL
+        assert rel_err(got.cache.v[layer, 0, :, :ROOM].transpose(0, 1), v) <= TOL
+    # 22 blocks: 8 fill the room, 13 more of 14 tokens and one of 6 each evict as many
+    assert got.stats["forwards"] == [[14, 14 * (i + 1)] for i in range(8)] + [[14, ROOM]] * 13 + [[6, ROOM]]
+    assert got.stats["truncated_tokens"] == 188 and got.stats["scored_tokens"] == 0
+
+    token = int(got.logits.argmax())  # the decode loop continues at position 112 over the same cache
+    with torch.inference_mode():
+        hidden = s.model(torch.tensor([[token]]), torch.tensor([[ROOM]]), got.cache.decode_attend)
+        step = s.model.logits(hidden)[0, 0]
+    assert rel_err(step, ref_forward(s.w, s.cfg, [token], [ROOM], past=past)[0]) <= TOL
+
+
+def test_streaming_a_prompt_within_the_room_is_plain_prefill(s):
+    prompt = Prompt([1], s.prompt.context[:49], [], bos_id=1)
+    logits = ref_forward(s.w, s.cfg, prompt.ids(), list(range(50)))
+    with torch.inference_mode():
+        got = baselines.prefill_streaming(s.model, prompt, BaselineConfig(), ANSWER)
+    assert rel_err(got.logits, logits[-1]) <= TOL
+    assert got.next_position == 50 and got.stats["truncated_tokens"] == 0
+    assert got.stats["forwards"] == [[14, 14], [14, 28], [14, 42], [8, 50]]
