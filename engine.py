@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError, load_model, read_json
-from hybrid import CONFIG_KEY, layout_from_config
+from hybrid import layout_from_config
 from decoding import SamplingParams, decode
 from methods import METHODS, add_options, config_from, flag_of, given_options, prepared
 from prefill import OptionError, Prompt

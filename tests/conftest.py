@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from reference import ref_head_dim
+from checkpoint import load_model
+from reference import load_float64, ref_head_dim
+from tokenizer import Tokenizer
 from weights.smollm2 import ensure_default_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +20,16 @@ MODELS = SHARED / "models"
 STORIES = MODELS / "stories260K"  # a real 260K-parameter Llama: BOS 1, EOS 2, 512-token window, float32
 BOOKS = SHARED / "data" / "books"
 needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is absent")
+
+
+class Stories:
+    """stories260K as the method tests use it: the float32 model, its tokenizer, and the float64
+    weights and config.json of the reference forward (tests/reference.py)."""
+
+    def __init__(self):
+        self.model = load_model(STORIES, "cpu", torch.float32)
+        self.tok = Tokenizer.from_dir(STORIES)
+        self.w, self.cfg = load_float64(STORIES)
 
 
 # ---------------------------------------------------------------------------- random checkpoints

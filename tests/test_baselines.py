@@ -10,11 +10,9 @@ import torch
 
 import baselines
 from baselines import BaselineConfig
-from checkpoint import load_model
-from conftest import BOOKS, STORIES, needs_stories
+from conftest import BOOKS, needs_stories, Stories
 from prefill import OptionError, Prompt
-from reference import load_float64, ref_forward, ref_rotations, rel_err
-from tokenizer import Tokenizer
+from reference import ref_forward, ref_rotations, rel_err
 
 pytestmark = needs_stories
 TOL = 1e-5
@@ -24,11 +22,10 @@ SINKS = 4  # StreamingLLM's attention sinks
 BLOCK = 14  # ROOM // 8
 
 
-class Setup:
+class Setup(Stories):
     def __init__(self):
-        self.model = load_model(STORIES, "cpu", torch.float32)
-        self.w, self.cfg = load_float64(STORIES)
-        tok = Tokenizer.from_dir(STORIES)
+        super().__init__()
+        tok = self.tok
         text = (BOOKS / "frankenstein.txt").read_text()[20000:26000]
         self.prompt = Prompt([1], tok.encode(text)[:299], [], bos_id=1, eos_ids=frozenset({2}))
         self.ids = self.prompt.ids()

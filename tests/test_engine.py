@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import BOOKS, REPO, STORIES, needs_stories
+from checkpoint import CheckpointError
 from engine import Engine, EngineError
 from infinipot import InfiniPotConfig
 from parallelcomp import ParallelCompConfig, chunk_spans
@@ -186,3 +187,33 @@ def test_the_engine_on_a_model_directory_imports_no_gguf():
                        timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["weights"]  # the package's WeightsError, not weights.smollm2 nor gguf
+
+
+def hybrid_checkpoint(tmp_path, layout):
+    """A copy of stories260K whose config.json describes a hybrid layout."""
+    path = tmp_path / "stories260K"
+    shutil.copytree(STORIES, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "hybrid_attention": layout}))
+    return path
+
+
+def test_a_checkpoint_trained_for_the_hybrid_pattern_runs_it(tmp_path):
+    """auto runs `hybrid` with the layout config.json gives: a sparse layer keeps sink + window
+    entries of a 300-token prompt, so the cache is smaller than full attention's by the count
+    worked out here."""
+    layout = {"full_layers": [2, 2], "pattern": "window", "sink_tokens": 4, "window_tokens": 28}
+    engine = Engine(hybrid_checkpoint(tmp_path, layout), "cpu")
+    out = engine.generate("Once upon a time there was a little cat. " * 30, max_new_tokens=4)
+    n = out.stats["prompt_tokens"]
+    per_entry = 2 * engine.model.config.n_kv_heads * engine.model.config.head_dim * 4  # K and V, float32
+    assert out.stats["method"] == "hybrid"
+    assert out.stats["full_kv_bytes"] == n * 5 * per_entry
+    assert out.stats["kv_bytes"] == (n + 4 * (4 + 28)) * per_entry  # one full layer, four sparse ones
+    explicit = engine.generate("Once upon a time there was a little cat. " * 30, max_new_tokens=4, method="full")
+    assert explicit.stats["method"] == "full"
+
+
+def test_a_malformed_hybrid_layout_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="hybrid_attention: unknown key 'windows'"):
+        Engine(hybrid_checkpoint(tmp_path, {"windows": 3}), "cpu")

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 import hybrid
 from checkpoint import load_model
+from conftest import Stories
 from hybrid import HybridCache, HybridConfig, layout_from_config, parse_layers, parse_pattern
 from model import KVCache, ModelConfig, build_model
 from prefill import OptionError, Prompt, causal_prefill
@@ -36,10 +37,9 @@ BLOCK = HybridConfig(pattern="block", block_tokens=8, local_blocks=3, vert_strid
 RUNS = (([0, 37, 150, 200], 260), ([0, 2], 130))
 
 
-class Setup:
+class Setup(Stories):
     def __init__(self):
-        self.model = load_model(STORIES, "cpu", torch.float32)
-        self.w, self.cfg = load_float64(STORIES)
+        super().__init__()
         text = (SHARED / "data" / "books" / "frankenstein.txt").read_text()[30000:33000]
         self.ids = [1] + Tokenizer.from_dir(STORIES).encode(text)[:259]  # 260 tokens
         self.references = {}

@@ -14,23 +14,19 @@ import torch
 import torch.nn.functional as F
 
 import infinipot
-from checkpoint import load_model
-from conftest import BOOKS, STORIES
+from conftest import BOOKS, Stories
 from infinipot import InfiniPotConfig
 from model import KVCache
 from prefill import OptionError, Prompt, causal_prefill
-from reference import load_float64, ref_forward, ref_rotations, rel_err
-from tokenizer import Tokenizer
+from reference import ref_forward, ref_rotations, rel_err
 
 M, C = 256, 128
 TOL = 1e-5
 
 
-class Setup:
+class Setup(Stories):
     def __init__(self):
-        self.model = load_model(STORIES, "cpu", torch.float32)
-        self.tok = Tokenizer.from_dir(STORIES)
-        self.w, self.cfg = load_float64(STORIES)
+        super().__init__()
         text = (BOOKS / "frankenstein.txt").read_text()[20000:60000]
         self.text_ids = self.tok.encode(text)
         self.head = [1] + self.tok.encode("Read the story.")

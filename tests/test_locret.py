@@ -19,23 +19,21 @@ import torch
 from safetensors.torch import save_file
 
 import locret
-from checkpoint import CheckpointError, load_model
-from conftest import BOOKS, REPO, STORIES
+from checkpoint import CheckpointError
+from conftest import BOOKS, REPO, STORIES, Stories
 from locret import LocretConfig, RetainedCache, RetainingHeads, load_heads, save_heads
 from prefill import OptionError, Prompt, causal_prefill
-from reference import load_float64, ref_forward, ref_rotations, rel_err
-from tokenizer import Tokenizer
+from reference import ref_forward, ref_rotations, rel_err
 
 TOL = 1e-5
 BUDGET, CHUNK, STABILIZERS = 96, 48, 24
 
 
-class Setup:
+class Setup(Stories):
     def __init__(self):
-        self.model = load_model(STORIES, "cpu", torch.float32)
+        super().__init__()
         self.config = self.model.config
-        self.w, self.cfg = load_float64(STORIES)
-        tok = Tokenizer.from_dir(STORIES)
+        tok = self.tok
         text = (BOOKS / "frankenstein.txt").read_text()[20000:26000]
         self.prompt = Prompt([1] + tok.encode("Read the story."), tok.encode(text)[:298],
                              [1] + tok.encode("What did the monster see?"), 1, frozenset({2}))

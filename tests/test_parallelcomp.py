@@ -16,22 +16,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import parallelcomp
-from checkpoint import load_model
-from conftest import BOOKS, STORIES, needs_stories
+from conftest import BOOKS, needs_stories, STORIES, Stories
 from engine import Engine
 from parallelcomp import Calibration, ChunkCache, ParallelCompConfig, chunk_spans
 from prefill import Prompt
-from reference import load_float64, ref_forward, rel_err
-from tokenizer import Tokenizer
+from reference import ref_forward, rel_err
 
 TOL = 1e-5
 
 
-class Setup:
+class Setup(Stories):
     def __init__(self):
-        self.model = load_model(STORIES, "cpu", torch.float32)
-        self.tok = Tokenizer.from_dir(STORIES)
-        self.w, self.cfg = load_float64(STORIES)
+        super().__init__()
         text = (BOOKS / "frankenstein.txt").read_text()[20000:26000]
         self.context = self.tok.encode(text)[:607]  # 4 chunks of 151-152 tokens at chunk_tokens=152
         self.head = [1] + self.tok.encode("Read the story.")

@@ -6,19 +6,17 @@ import pytest
 import torch
 
 import prefill
-from checkpoint import load_model
-from conftest import BOOKS, STORIES, needs_stories
+from conftest import BOOKS, needs_stories, STORIES, Stories
 from prefill import OptionError, Prompt, causal_prefill, extend
-from reference import load_float64, ref_forward, rel_err
+from reference import ref_forward, rel_err
 from tokenizer import Tokenizer
 
 TOL = 1e-5
 
 
-class Setup:
+class Setup(Stories):
     def __init__(self):
-        self.model = load_model(STORIES, "cpu", torch.float32)
-        self.w, self.cfg = load_float64(STORIES)
+        super().__init__()
         text = (BOOKS / "frankenstein.txt").read_text()[20000:22000]
         self.ids = [1] + Tokenizer.from_dir(STORIES).encode(text)[:59]
 
