@@ -161,9 +161,9 @@ class Engine:
             return "full", prompt, asked
         return "parallelcomp", ranked, asked
 
-    def check_prompt(self, method, prompt, max_new_tokens, config, asked):
-        """The prompt's tokens exist in the model, and its question fits the trained window; so do
-        the head, the question and the answer together, where the method needs that room."""
+    def check_prompt(self, prompt, asked):
+        """The prompt's tokens exist in the model, and its question fits the trained window
+        (whether the rest fits is each method's to say)."""
         vocab, q = self.model.config.vocab_size, len(prompt.question)
         if max(prompt.ids(), default=0) >= vocab:
             raise EngineError(f"the tokenizer produced token id {max(prompt.ids())}, outside the model's "
@@ -173,11 +173,6 @@ class Engine:
         if q > self.window:
             raise OptionError("question", f"{question} is longer than the model's {self.window}-token window: "
                                           f"shorten it")
-        chunks_chosen = method == "parallelcomp" and config.chunk_tokens is not None
-        if method != "full" and not chunks_chosen and self.no_room_for_context(prompt, max_new_tokens):
-            raise OptionError("max_new_tokens", f"{question} and {{0}} ({max_new_tokens}) leave no room for context "
-                                                f"in the model's {self.window}-token window: shorten the question "
-                                                f"or lower {{0}}")
 
     # ------------------------------------------------------------------ generate
 
@@ -203,13 +198,13 @@ class Engine:
         if config is not None:
             config.validate(self.model.config)
         if method == AUTO and self.hybrid_layout is not None:  # a checkpoint trained for the hybrid pattern runs it
-            method, config = "hybrid", config or self.hybrid_layout
+            method = "hybrid"
         auto = method == AUTO
         method, prompt, asked = self.plan(document, question, instruction, chat, method, max_new_tokens)
         if method == "hybrid" and config is None:
             config = self.hybrid_layout
         config = prepared(method_config(method, config, auto), self.model, self.tokenizer.encode)
-        self.check_prompt(method, prompt, max_new_tokens, config, asked)
+        self.check_prompt(prompt, asked)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()

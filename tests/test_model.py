@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,7 +240,7 @@ torch.manual_seed(0)
 for p in llama.parameters():
     p.normal_(0, 0.3)
 logits = llama.causal_logits(torch.randint(0, 50, (2, 7)))
-print(json.dumps(dict(model=model.__file__, modules=sorted(sys.modules), path=sys.path,
+print(json.dumps(dict(model=model.__file__, modules=sorted(sys.modules), path=sys.path, prefix=sys.prefix,
                       shape=list(logits.shape), finite=bool(logits.isfinite().all()))))
 """
 
@@ -255,7 +256,10 @@ def test_model_py_and_llama_triton_py_are_all_a_copy_needs(tmp_path):
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["model"] == str(tmp_path / "model.py")
-    assert not any((tmp_path / entry).resolve().is_relative_to(REPO) for entry in out["path"])  # "" is the cwd
+    # "" is the cwd; the interpreter's own site-packages may lie in the repository (a venv in .venv)
+    in_repo = [entry for entry in out["path"] if (tmp_path / entry).resolve().is_relative_to(REPO)
+               and not Path(entry).resolve().is_relative_to(Path(out["prefix"]).resolve())]
+    assert in_repo == []
     ours = {f.stem for f in REPO.glob("*.py")} | {"weights", "tests", "eval", "tools", "reference", "conftest"}
     assert set(out["modules"]) & ours <= {"model", "llama_triton"}  # llama_triton where Triton imports
     assert out["shape"] == [2, 7, 50] and out["finite"]
