@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
+import distributed
 from checkpoint import CheckpointError, load_model, read_json
-from hybrid import layout_from_config
 from decoding import SamplingParams, decode
+from distributed import RankError
+from hybrid import layout_from_config
 from methods import METHODS, add_options, config_from, flag_of, given_options, prepared
 from prefill import OptionError, Prompt
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError
@@ -102,12 +104,12 @@ class Engine:
     """Load a checkpoint once, then call `generate` as often as needed."""
 
     def __init__(self, model_dir=None, device=None, dtype=None, log=lambda msg: None):
+        self.device = resolve_device(distributed.init(device))  # under torchrun: this process's GPU
         if model_dir is None:
             from weights.smollm2 import ensure_default_model  # gguf and numpy only for the default model
-            model_dir = ensure_default_model(log)
-        self.device = resolve_device(device)
+            model_dir = distributed.rank0_first(ensure_default_model, log)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.model = load_model(model_dir, self.device, self.dtype)
+        self.model = distributed.checked(load_model, model_dir, self.device, self.dtype)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.window = self.model.config.max_position_embeddings
         self.hybrid_layout = checkpoint_layout(Path(model_dir) / "config.json")
@@ -188,7 +190,7 @@ class Engine:
         OptionError naming the parameter; Ctrl-C while decoding raises Interrupted, which carries
         the Generation so far.
         """
-        sampling = SamplingParams(temperature, top_p, top_k, seed)
+        sampling = SamplingParams(temperature, top_p, top_k, distributed.common_seed(seed))
         if method != AUTO and method not in METHODS:
             raise OptionError("method", f"unknown {{}} {method!r} (choose from auto, {', '.join(METHODS)})")
         if max_new_tokens < 1:
@@ -212,7 +214,8 @@ class Engine:
             done, total, len(prompt.context) * done // total, time.perf_counter() - start))
         with torch.inference_mode():
             prefilled = METHODS[method].prefill(self.model, prompt, config, max_new_tokens, progress)
-            generation = self.decode(prefilled, prompt, sampling, max_new_tokens, cuda_graph, on_text, start)
+            generation = distributed.decoded(prefilled, lambda: self.decode(prefilled, prompt, sampling, max_new_tokens,
+                                                                             cuda_graph, on_text, start))
         generation.stats.update(method=method, prompt_tokens=len(prompt.ids()), peak_memory_bytes=peak_memory(self.device))
         if generation.stats["interrupted"]:
             raise Interrupted(generation)
@@ -251,8 +254,8 @@ REPORT_STATS = ("method", "prompt_tokens", "chunks", "kept_chunks", "kept_spans"
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
-        """One line, not the usage block: --help lists the options."""
-        self.exit(2, f"error: {message} (see --help)\n")
+        """One line, not the usage block: --help lists the options. Under torchrun, rank 0's alone."""
+        self.exit(2, f"error: {message} (see --help)\n" if distributed.rank() == 0 else None)
 
 
 def parse_args(argv):
@@ -358,7 +361,8 @@ def answer(args, log, bar):
     SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
     if args.max_new_tokens < 1:
         raise OptionError("max_new_tokens", "{} must be at least 1")
-    document = read_prompt(args.prompt)
+    distributed.init(args.device)  # under torchrun, rank 0 reads the prompt for all
+    document = distributed.from_rank0(read_prompt, args.prompt)
     engine = Engine(args.model, args.device, getattr(torch, args.dtype) if args.dtype else None, log)
     config = config_from(chosen_method(args), given_options(args))
     question = "\n\n" + args.question if args.question else None
@@ -394,8 +398,11 @@ def report(generation, args):
 
 def main(argv=None):
     """Exit status: 0 done, 1 a request that cannot be served (one line on stderr), 2 a malformed
-    command line, 130 Ctrl-C."""
+    command line, 130 Ctrl-C. Under torchrun only rank 0 prints."""
     args = parse_args(argv)
+    leader = distributed.rank() == 0
+    if not leader:
+        args.quiet, sys.stdout = True, open(os.devnull, "w")
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     bar = ProgressBar(sys.stderr) if sys.stderr.isatty() and not args.quiet else None
     try:
@@ -412,13 +419,16 @@ def main(argv=None):
         return 1
     except OptionError as e:
         message = cli_message(e, chosen_method(args))
-    except (EngineError, CheckpointError, TokenizerError, WeightsError) as e:
+    except (EngineError, CheckpointError, TokenizerError, WeightsError, RankError) as e:
         message = str(e)
     except RuntimeError as e:
         if not out_of_memory(e):
             raise
         message = memory_advice(isinstance(e, torch.OutOfMemoryError), chosen_method(args))
-    print(f"error: {message}", file=sys.stderr)
+        if not leader:  # where the ranks compute in lockstep, no other rank can report it
+            print(f"error: rank {distributed.rank()}: {message}", file=sys.stderr)
+    if leader:
+        print(f"error: {message}", file=sys.stderr)
     return 1
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import baselines
+import distributed
 import hybrid
 import infinipot
 import locret
@@ -24,7 +25,7 @@ class Method:
 
 
 METHODS = {
-    "parallelcomp": Method(parallelcomp.prefill, parallelcomp.ParallelCompConfig, True,
+    "parallelcomp": Method(distributed.prefill, parallelcomp.ParallelCompConfig, True,  # over torchrun's processes
                            "chunks encoded in parallel, the least relevant to the question evicted"),
     "full": Method(baselines.prefill_full, baselines.BaselineConfig, False,
                    "plain causal attention over the whole prompt"),

@@ -35,6 +35,7 @@ OBSERVATION_WINDOW = 8  # last question tokens whose attention scores a chunk's 
 POOL_KERNEL = 7  # KV eviction max-pools scores over neighbours so kept tokens come in runs
 MAX_BATCH_TOKENS = 16384  # one forward of this many tokens fills a GPU; the cap keeps memory independent of the prompt length
 REGIONS = ("sink", "recent", "middle", "all")
+KV_PLACEMENTS = ("gather", "sharded")  # where the kept chunks' K/V go with several processes (distributed.py)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,12 @@ class Calibration:
         return cls(m[1], int(m[2]), int(m[3]))
 
 
+def kv_placement(text):
+    if text not in KV_PLACEMENTS:
+        raise ValueError(f"{text!r}: expected {' or '.join(KV_PLACEMENTS)}")
+    return text
+
+
 @dataclass(frozen=True)
 class ParallelCompConfig:
     chunk_tokens: int | None = option(None, "context tokens per chunk (default: what the trained window leaves "
@@ -67,6 +74,9 @@ class ParallelCompConfig:
     calibration: Calibration | None = option(None, "attention calibration in layers FIRST..LAST of the query "
                                              "pass, e.g. sink:3-6 (default: off)", parse=Calibration.parse,
                                              flag="--calibrate", metavar="REGION:FIRST-LAST")
+    kv_placement: str = option("gather", "with several processes (torchrun): gather = the kept chunks' K/V go to "
+                               "rank 0, which decodes alone; sharded = they stay where they were encoded and "
+                               "attention is merged across processes", parse=kv_placement, metavar="{gather,sharded}")
 
     def validate(self, model_config):
         window, n_layers = model_config.max_position_embeddings, model_config.n_layers
@@ -77,7 +87,8 @@ class ParallelCompConfig:
                  f"{{}} must be between 1 and the model's {window}-token window"),
                 (self.kv_budget is not None and self.kv_budget < 1, "kv_budget", "{} must be at least 1"),
                 (self.calibration is not None and self.calibration.last_layer >= n_layers, "calibration",
-                 f"{{}} layers must be below the model's {n_layers} layers")):
+                 f"{{}} layers must be below the model's {n_layers} layers"),
+                (self.kv_placement not in KV_PLACEMENTS, "kv_placement", f"{{}} must be {' or '.join(KV_PLACEMENTS)}")):
             if bad:
                 raise OptionError(param, message)
 
@@ -174,14 +185,20 @@ def query_nll(logits, targets, eos_ids=frozenset()):
     return nll[scored].sum().item() / max(len(targets) - 1, 1)
 
 
-def encode_chunks(model, prompt, spans, first_index, kv_budget):
+def stored_tokens(context_len, has_bos, kv_budget):
+    """Context tokens a chunk's cache keeps per KV head: all, or BOS and kv_budget after KV eviction."""
+    return context_len if kv_budget is None else min(context_len, kv_budget + has_bos)
+
+
+def encode_chunks(model, prompt, spans, indices, kv_budget):
     """One forward over a batch of chunks, each [head + chunk + question] at positions 0..L-1.
 
-    Returns their ChunkCaches, K/V and question NLL filled in.
+    spans: every chunk of the context; indices: those of the batch. Returns their ChunkCaches,
+    K/V and question NLL filled in.
     """
     c, head, question = model.config, prompt.head, prompt.question
     has_bos = has_bos_head(prompt)
-    inputs = [head + prompt.context[s.start:s.stop] + question for s in spans]
+    inputs = [head + prompt.context[spans[j].start:spans[j].stop] + question for j in indices]
     lens = [len(x) for x in inputs]
     tokens = torch.zeros(len(inputs), max(lens), dtype=torch.long)
     for b, x in enumerate(inputs):  # right padding: causal attention keeps the real tokens exact
@@ -189,12 +206,11 @@ def encode_chunks(model, prompt, spans, first_index, kv_budget):
     tokens = tokens.to(model.device)
     positions = torch.arange(tokens.shape[1], device=model.device).expand_as(tokens)
     chunks = []
-    for i, span in enumerate(spans):
-        context_len = len(head) + len(span)
-        n = context_len if kv_budget is None else min(context_len, kv_budget + has_bos)
-        shape = (c.n_layers, c.n_kv_heads, n, c.head_dim)
+    for j in indices:
+        context_len = len(head) + len(spans[j])
+        shape = (c.n_layers, c.n_kv_heads, stored_tokens(context_len, has_bos, kv_budget), c.head_dim)
         k, v = (torch.empty(shape, device=model.device, dtype=model.dtype) for _ in range(2))
-        chunks.append(ChunkCache(first_index + i, span, context_len, has_bos, k, v))
+        chunks.append(ChunkCache(j, spans[j], context_len, has_bos, k, v))
     hidden = model(tokens, positions, ChunkEncoder(chunks, lens, kv_budget))
     targets = torch.tensor(question, device=model.device)
     for b, chunk in enumerate(chunks):
@@ -238,9 +254,15 @@ def calibrate(q_last, keys, calibration):
     topped up with its least-attended tokens. Returns ((H_kv, N - m) sorted indices, m).
     """
     H, D = q_last.shape
-    Hkv, N = keys.shape[:2]
-    probs = scores_f32(q_last.reshape(1, Hkv, H // Hkv, D), keys[None])[0].softmax(-1)  # (H_kv, G, N)
-    t, w = torch.arange(N, device=keys.device), calibration.width
+    Hkv = keys.shape[0]
+    return calibration_keep(scores_f32(q_last.reshape(1, Hkv, H // Hkv, D), keys[None])[0].softmax(-1), calibration)
+
+
+def calibration_keep(probs, calibration):
+    """calibrate's choice from the attention probabilities probs (H_kv, G, N) of the last
+    question token's query group over the N cache tokens."""
+    Hkv, _, N = probs.shape
+    t, w = torch.arange(N, device=probs.device), calibration.width
     region = {"sink": t < w, "recent": t >= N - w, "middle": (t >= w) & (t < N - w),
               "all": torch.ones_like(t, dtype=torch.bool)}[calibration.region]
     above = (probs > calibration.threshold).any(dim=1) & region  # (H_kv, N)
@@ -289,44 +311,61 @@ def prefill(model, prompt, config, answer_budget, on_progress=None):
     calibration_evicted_tokens (cache tokens calibration dropped, per KV head, summed over the
     calibrated layers).
     """
+    spans = context_spans(model, prompt, config, answer_budget)
+    kept = select_chunks(model, prompt, spans, range(len(spans)), config, on_progress)
+    return encode_question(model, prompt, spans, kept, config, answer_budget)
+
+
+def context_spans(model, prompt, config, answer_budget):
+    """The chunks' spans of the context, once the question and the options are checked."""
     if not prompt.question:
         raise OptionError("question", "ParallelComp needs a {} to rank the chunks by")
     config.validate(model.config)
     window, question = model.config.max_position_embeddings, prompt.question
     chunk_tokens = config.chunk_tokens or default_chunk_tokens(window, len(prompt.head), len(question), answer_budget)
-    spans = chunk_spans(len(prompt.context), chunk_tokens)
-    kept = select_chunks(model, prompt, spans, config, on_progress)
+    return chunk_spans(len(prompt.context), chunk_tokens)
+
+
+def encode_question(model, prompt, spans, kept, config, answer_budget):
+    """The query pass after the kept ChunkCaches (document order), which it empties: the Prefilled."""
+    question = prompt.question
     cache, S = assemble_cache(model.config, kept, len(question) + answer_budget)
-    kv_evicted = sum(c.context_len - c.k.shape[2] for c in kept)
     for c in kept:
         c.k = c.v = None
     M = max(c.context_len for c in kept)
     query = QueryPass(cache, S, config.calibration)
     positions = torch.arange(M, M + len(question), device=model.device)[None]
     hidden = model(torch.tensor([question], device=model.device), positions, query)
-    chunk_lens = [len(prompt.head) + len(s) + len(question) for s in spans]
-    stats = dict(chunks=len(spans), kept_chunks=[c.index for c in kept],
-                 kept_spans=[[c.span.start, c.span.stop] for c in kept], kv_evicted_tokens=kv_evicted,
-                 calibration_evicted_tokens=query.evicted,
-                 forwards=[[n, n] for n in chunk_lens] + [[len(question), S + len(question)]],
-                 scored_tokens=len(spans) * len(question))
+    stats = prefill_stats(prompt, spans, kept, config.kv_budget, S, query.evicted)
     return Prefilled(cache, model.logits(hidden[0, -1]), M + len(question), stats)
 
 
-def select_chunks(model, prompt, spans, config, on_progress):
-    """Encode the chunks in batches, keeping the top-k after each: the kept ChunkCaches in document order."""
-    batch = chunk_batch_size(model, len(prompt.head) + len(spans[0]) + len(prompt.question), len(spans))
+def prefill_stats(prompt, spans, kept, kv_budget, S, calibration_evicted):
+    """prefill's statistics (see there); S: the assembled cache's length before the question."""
+    Lq = len(prompt.question)
+    chunk_lens = [len(prompt.head) + len(s) + Lq for s in spans]
+    return dict(chunks=len(spans), kept_chunks=[c.index for c in kept],
+                kept_spans=[[c.span.start, c.span.stop] for c in kept],
+                kv_evicted_tokens=sum(c.context_len - stored_tokens(c.context_len, c.has_bos, kv_budget) for c in kept),
+                calibration_evicted_tokens=calibration_evicted,
+                forwards=[[n, n] for n in chunk_lens] + [[Lq, S + Lq]], scored_tokens=len(spans) * Lq)
+
+
+def select_chunks(model, prompt, spans, indices, config, on_progress):
+    """Encode the chunks `indices` of spans in batches, keeping the top-k after each: the kept
+    ChunkCaches in document order."""
+    batch = chunk_batch_size(model, len(prompt.head) + len(spans[0]) + len(prompt.question), len(indices))
     kept, done = [], 0
-    while done < len(spans):
+    while done < len(indices):
         try:  # no name holds the batch's caches: the evicted ones are freed before the next batch
-            kept = chunk_eviction(kept + encode_chunks(model, prompt, spans[done:done + batch], done, config.kv_budget),
-                                  config.top_k_chunks)
+            kept = chunk_eviction(kept + encode_chunks(model, prompt, spans, indices[done:done + batch],
+                                                       config.kv_budget), config.top_k_chunks)
         except torch.OutOfMemoryError:
             if batch == 1:
                 raise
             batch //= 2
             continue
-        done = min(done + batch, len(spans))
+        done = min(done + batch, len(indices))
         if on_progress:
-            on_progress(done, len(spans))
+            on_progress(done, len(indices))
     return sorted(kept, key=lambda c: c.index)

@@ -100,7 +100,7 @@ def test_chunk_scores_equal_independent_nll(setup, references):
     float64 forward of that chunk alone, summed and divided by (Lq - 1)."""
     assert len({len(s) for s in setup.spans}) == 2, "chunks of unequal length exercise the padding"
     with torch.inference_mode():
-        chunks = parallelcomp.encode_chunks(setup.model, setup.prompt, setup.spans, 0, None)
+        chunks = parallelcomp.encode_chunks(setup.model, setup.prompt, setup.spans, range(4), None)
     for chunk, (logits, _), span in zip(chunks, references, setup.spans):
         assert chunk.nll == pytest.approx(setup.reference_nll(logits, span), rel=TOL)
     assert len({round(c.nll, 3) for c in chunks}) == len(chunks), "distinct scores make the ranking meaningful"
@@ -132,7 +132,7 @@ def test_chunk_scores_ignore_the_questions_end_of_turn(setup):
     start = len(setup.head) + 60 - 1
     nll = F.cross_entropy(logits[start:start + len(question)], torch.tensor(question), reduction="none")
     with torch.inference_mode():
-        [chunk] = parallelcomp.encode_chunks(setup.model, prompt, [range(0, 60)], 0, None)
+        [chunk] = parallelcomp.encode_chunks(setup.model, prompt, [range(0, 60)], [0], None)
     assert chunk.nll == pytest.approx(nll[:-1].sum().item() / (len(question) - 1), rel=TOL)
     assert nll[-1] > 0.1 * nll[:-1].sum(), "scoring the EOS would change the NLL by more than the tolerance"
 
@@ -300,7 +300,7 @@ def test_calibration_evicts_exactly_the_expected_tokens_in_chosen_layers(setup, 
     config = ParallelCompConfig(chunk_tokens=152, top_k_chunks=2)
     model, Lq = setup.model, len(setup.question)
     with torch.inference_mode():
-        chunks = parallelcomp.encode_chunks(model, setup.prompt, setup.spans, 0, None)
+        chunks = parallelcomp.encode_chunks(model, setup.prompt, setup.spans, range(4), None)
         kept = sorted(parallelcomp.chunk_eviction(chunks, config.top_k_chunks), key=lambda c: c.index)
         cache, S = parallelcomp.assemble_cache(model.config, kept, Lq + 4)
         M = max(c.context_len for c in kept)
