@@ -186,8 +186,14 @@ def distil(model, cache, nll, catalyst, C, T):
 
 # ---------------------------------------------------------------------------- the whole prefill
 
+def fills(n, M, C):
+    """How many fills of the pot n stream tokens take: M, then M - C after each distillation."""
+    return 1 + -(-max(0, n - M) // (M - C))
+
+
 def prefill(model, prompt, config, answer_budget, on_progress=None):
     """InfiniPot prefill: head + context stream through the pot, then the question follows.
+    on_progress(fills_done, fills_total) after each fill of the pot.
 
     stats: distillations (count), pot_tokens M and pot_keep C (tokens per KV head),
     catalyst_tokens, evicted_tokens (context tokens dropped, per KV head), forwards, scored_tokens.
@@ -212,7 +218,7 @@ def prefill(model, prompt, config, answer_budget, on_progress=None):
             forwards.append([len(catalyst), M + len(catalyst)])
             n, distillations = C, distillations + 1
         if on_progress:
-            on_progress(done, len(stream))
+            on_progress(fills(done, M, C), fills(len(stream), M, C))
     q = prompt.question
     if q:
         positions = torch.arange(n, n + len(q), device=device)[None]

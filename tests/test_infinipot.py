@@ -289,3 +289,14 @@ def test_bad_options_prefill(setup, fields, answer_budget, question, param):
     with pytest.raises(OptionError) as e:
         run(setup, setup.prompt(100, question), config, answer_budget)
     assert e.value.param == param and param in str(e.value)
+
+
+def test_progress_counts_the_fills_of_the_pot(setup):
+    """1100 stream tokens through M = 256, C = 128: 256, then 128 per fill -> 1 + ceil(844 / 128) = 8 fills."""
+    calls = []
+    prompt = setup.prompt(1100)
+    n = len(prompt.head) + len(prompt.context)
+    with torch.inference_mode():
+        infinipot.prefill(setup.model, prompt, setup.config, 8, lambda done, total: calls.append((done, total)))
+    expected = 1 + -(-(n - M) // (M - C))
+    assert calls == [(i, expected) for i in range(1, expected + 1)]
