@@ -90,14 +90,17 @@ def dynamic_ntk_frequencies(config, inv_freq, positions):
     return base ** -exponents
 
 
-def gpu_kernels(x, head_dim=16):
-    """Whether the Triton kernels serve this tensor (and, for attention, this head size)."""
-    return kernels is not None and x.is_cuda and kernels.supports(head_dim)
+def gpu_kernels(x, head_dim=16, params=()):
+    """Whether the Triton kernels serve this tensor (and, for attention, this head size). They have
+    no backward: where autograd records (x or one of `params` needs a gradient), PyTorch serves."""
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+    return kernels is not None and x.is_cuda and kernels.supports(head_dim) and not recorded
 
 
 def linear(x, layer):
     """layer(x); one token on a GPU goes through the Triton GEMV, which beats cuBLAS at batch 1."""
-    if gpu_kernels(x) and x.numel() == x.shape[-1] and x.is_contiguous() and layer.weight.is_contiguous():
+    if (gpu_kernels(x, params=(layer.weight, layer.bias)) and x.numel() == x.shape[-1] and x.is_contiguous()
+            and layer.weight.is_contiguous()):
         return kernels.gemv(x, layer.weight, layer.bias)
     return layer(x)
 
@@ -270,10 +273,12 @@ class RMSNorm(nn.Module):
 
         delta: the output of the sublayer before, added to x in place first (one kernel on a GPU).
         """
-        if gpu_kernels(x):
+        if gpu_kernels(x, params=(self.weight, delta)):
             return kernels.rms_norm(x, self.weight, self.eps, delta)
         if delta is not None:
             x += delta
+        if torch.is_grad_enabled() and x.requires_grad:
+            x = x.clone()  # what autograd saves: the caller's x changes in place at the next norm
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(self.weight.dtype)
 

@@ -1,0 +1,248 @@
+"""Fine-tune a checkpoint to LongGen's hybrid attention pattern (hybrid.py) in a few GPU minutes.
+
+    python tools/finetune_hybrid.py --out weights/SmolLM2-135M-hybrid --rope-theta 1e6
+    python tools/finetune_hybrid.py --device cpu --steps 2 --seq 256 --model ../shared/models/stories260K \
+        --out /tmp/hybrid --window-tokens 60 --sink-tokens 4 --long-tokens 400
+
+As methods.md §4.4 plans it: a full fine-tune (AdamW, every parameter) on public-domain books
+packed into sequences of --seq tokens, each book after a BOS (LongGen's format), with the RoPE
+base raised if asked (SmolLM2: 1e5 -> 1e6). One forward per sequence at positions 0..T-1: full
+layers causal, sparse layers masked by the pattern (hybrid.SparseSlots.visible over the whole
+sequence: one dense (T, T) additive bf16 mask shared by every sparse layer, 512 MiB at 16K, 2 GiB
+at 32K; K/V repeated to the query heads there, so that SDPA's memory-efficient kernel takes it).
+lr 2e-5, linear warm-up over 3 % of the steps then cosine to 0; on a GPU float32 master weights
+under bf16 autocast (bf16 weights would round lr 2e-5 updates away). War and Peace is never
+trained on. The script prints the held-out perplexity before and after: a short text (the first
+--short-tokens of the essays, in the window) and War and Peace's first --long-tokens (16K), both
+under the pattern. It writes a Hugging Face checkpoint: bf16 safetensors with HF names, config.json
+with the new rope_theta, max_position_embeddings raised to --seq and the pattern under
+hybrid.CONFIG_KEY (the engine then runs it hybrid by default), the tokenizer files copied.
+
+Choices where the plan is silent: AdamW betas (0.9, 0.95), weight decay 0.1, gradient norm clipped
+at 1.0 (ProLong's); batch 1 sequence; --seq 16384 by default (32K fits an H200 too: --seq 32768);
+the pattern's masks are dense SDPA masks, not block-sparse kernels, so sparse layers cost as much
+as full ones here (LongGen trains them with block-sparse kernels). The training books (Pride and
+Prejudice, Frankenstein: ~0.3 M SmolLM2 tokens) are few: minutes of training are many epochs, an
+adaptation to the pattern, not LongGen's 5B-token extension. --minutes caps the training loop: after
+PLAN_AT steps the number of steps (and with it the schedule) shrinks to what fits.
+"""
+
+import argparse
+import functools
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from checkpoint import checkpoint_tensors, load_model, read_json  # noqa: E402
+from hybrid import CONFIG_KEY, SparseSlots  # noqa: E402
+from methods import add_options, config_from, given_options  # noqa: E402
+from model import attention, rope_frequencies  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+BOOKS, ESSAYS = SHARED / "books", SHARED / "essays" / "paul_graham_essays.json"
+HELD_OUT_BOOK, HELD_OUT_FROM = "war_and_peace.txt", 20_000  # characters: past the front matter
+BETAS, WEIGHT_DECAY, CLIP, WARMUP_SHARE = (0.9, 0.95), 0.1, 1.0, 0.03
+TIMED_FROM, PLAN_AT = 3, 13  # steps timed to plan the rest (the first ones warm the GPU up)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json")
+
+
+def pattern_masks(model_config, config, T, device, dtype):
+    """Per layer what a T-token sequence at positions 0..T-1 attends to: None (causal) in full
+    layers; in sparse layers one shared (T, T) additive mask of `dtype`, 0 where visible, -inf
+    elsewhere (SDPA would turn a bool mask into one at every call, and keep each for backward)."""
+    p = torch.arange(T, device=device)
+    visible = SparseSlots(config, T).visible(p[:, None], p[None, :])
+    sparse = torch.zeros(T, T, device=device, dtype=dtype).masked_fill_(~visible, float("-inf"))
+    full = config.full_range(model_config.n_layers)
+    return [None if layer in full else sparse for layer in range(model_config.n_layers)]
+
+
+def masked_attend(masks):
+    """An `attend` for one sequence: causal attention in full layers, the pattern's in sparse ones.
+    K/V are repeated to the query heads there: SDPA with enable_gqa and a mask runs its math kernel,
+    which keeps the (H, T, T) probabilities for backward."""
+    def attend(layer, q, k, v):
+        if masks[layer] is None:
+            return attention(q, k, v)
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (B, H, T, D)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=masks[layer])
+    return attend
+
+
+def sequence_nll(model, ids, masks):
+    """Mean next-token NLL of ids (T,) in one forward at positions 0..T-1 under the per-layer masks."""
+    positions = torch.arange(len(ids), device=ids.device)[None]
+    hidden = model(ids[None], positions, masked_attend(masks))
+    head = model.embed.weight if model.lm_head is None else model.lm_head.weight
+    return F.cross_entropy(F.linear(hidden[0, :-1], head).float(), ids[1:])
+
+
+def packed(books, bos, seq, rng):
+    """Endless sequences of seq tokens: the books in a new order each pass, each after a BOS, cut
+    from a random offset."""
+    while True:
+        order = rng.sample(books, len(books))
+        stream = [t for book in order for t in bos + book]
+        for start in range(rng.randrange(seq), len(stream) - seq + 1, seq):
+            yield stream[start:start + seq]
+
+
+def lr_factor(step, total):
+    warmup = max(1, round(WARMUP_SHARE * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def clock(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.monotonic()
+
+
+def train(model, masks, sequences, args, log):
+    """At most args.steps steps and args.minutes minutes; returns the steps run."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    device = model.device
+    begin = clock(device)
+    deadline, total, step = begin + 60 * args.minutes, args.steps, 0
+    while step < total and time.monotonic() < deadline:
+        if step == TIMED_FROM:
+            timed = clock(device)
+        if step == PLAN_AT:
+            now = clock(device)
+            per_step = (now - timed) / (PLAN_AT - TIMED_FROM)
+            total = min(total, PLAN_AT + int(0.95 * (deadline - now) / per_step))  # 5 % spare
+            log(f"{per_step:.3f} s per step ({args.seq / per_step / 1e3:.1f}K tokens/s): "
+                f"{total} steps in {args.minutes} minutes")
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * lr_factor(step, total)
+        ids = torch.tensor(next(sequences), device=device)
+        with autocast(device):
+            loss = sequence_nll(model, ids, masks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        if step % 20 == 0 or step == total - 1:
+            log(f"step {step + 1}/{total}  loss {loss.item():.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  "
+                f"{time.monotonic() - begin:.0f} s")
+        step += 1
+    return step
+
+
+def autocast(device):
+    """bf16 matmuls over float32 weights on a GPU; plain float32 on the CPU."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+
+def compute_dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@torch.no_grad()
+def perplexity(model, ids, config):
+    ids = torch.tensor(ids, device=model.device)
+    masks = pattern_masks(model.config, config, len(ids), model.device, compute_dtype(model.device))
+    with autocast(model.device):
+        return sequence_nll(model, ids, masks).exp().item()
+
+
+def set_rope_theta(model, theta):
+    model.config = replace(model.config, rope_theta=theta)
+    model.inv_freq = rope_frequencies(model.config).to(model.device)
+
+
+def save_checkpoint(model, source, out, config, seq):
+    """A Hugging Face directory: bf16 weights with HF names, source's config.json with the new
+    rope_theta, window and pattern, and every other file of source (the tokenizer's) copied."""
+    out.mkdir(parents=True, exist_ok=True)
+    params = dict(model.named_parameters())
+    tensors = {name: (params[param] if rows is None else params[param][rows]).detach().to(torch.bfloat16)
+                     .contiguous().cpu() for name, (param, rows, _) in checkpoint_tensors(model.config).items()}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    hf = read_json(source / "config.json")
+    full = config.full_range(model.config.n_layers)
+    pattern = {f.name: getattr(config, f.name) for f in fields(config)} | {"full_layers": [full.start, full.stop - 1]}
+    hf.update(rope_theta=model.config.rope_theta, torch_dtype="bfloat16", **{CONFIG_KEY: pattern},
+              max_position_embeddings=max(model.config.max_position_embeddings, seq))
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    for file in source.iterdir():
+        if file.is_file() and file.name not in WEIGHT_FILES and not file.name.endswith(".safetensors"):
+            shutil.copy(file, out / file.name)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    p.add_argument("--model", type=Path, help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--books", type=Path, default=BOOKS, help=f"folder of .txt books (all but {HELD_OUT_BOOK} trained on)")
+    p.add_argument("--rope-theta", type=float, help="new RoPE base (default: the checkpoint's)")
+    p.add_argument("--seq", type=int, default=16384, help="tokens per training sequence")
+    p.add_argument("--steps", type=int, default=100_000, help="training steps (sequences, batch 1) at most")
+    p.add_argument("--minutes", type=float, default=8.0, help="time for the training loop at most")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
+    p.add_argument("--short-tokens", type=int, default=512, help="held-out short text: the essays' first tokens")
+    p.add_argument("--long-tokens", type=int, default=16384,
+                   help=f"held-out long text: {HELD_OUT_BOOK}'s first tokens")
+    p.add_argument("--seed", type=int, default=0)
+    add_options(p, ["hybrid"])
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    log = functools.partial(print, flush=True)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.model is None:
+        from weights.smollm2 import ensure_default_model
+        args.model = ensure_default_model(log)
+    model = load_model(args.model, device, torch.float32).requires_grad_(True)
+    config = config_from("hybrid", given_options(args))
+    config.validate(model.config)
+    tokenizer = Tokenizer.from_dir(args.model)
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    books = [tokenizer.encode(f.read_text(encoding="utf-8")) for f in sorted(args.books.glob("*.txt"))
+             if f.name != HELD_OUT_BOOK]
+    short = bos + tokenizer.encode(json.loads(ESSAYS.read_text())["text"][:20 * args.short_tokens])
+    short = short[:min(args.short_tokens, model.config.max_position_embeddings)]
+    held_out = (args.books / HELD_OUT_BOOK).read_text(encoding="utf-8")[HELD_OUT_FROM:]
+    long = (bos + tokenizer.encode(held_out[:8 * args.long_tokens]))[:args.long_tokens]
+    full = config.full_range(model.config.n_layers)
+    log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; layers {full.start}-{full.stop - 1} "
+        f"full, the others {config.pattern}; training books {sum(map(len, books))} tokens, seq {args.seq}")
+
+    def evaluate(when):
+        log(f"held-out perplexity {when}: short ({len(short)} tokens) {perplexity(model, short, config):.2f}  "
+            f"{HELD_OUT_BOOK} ({len(long)} tokens, pattern) {perplexity(model, long, config):.2f}")
+
+    evaluate(f"before (rope_theta {model.config.rope_theta:g})")
+    if args.rope_theta is not None:
+        set_rope_theta(model, args.rope_theta)
+        evaluate(f"with rope_theta {args.rope_theta:g}, untrained")
+    masks = pattern_masks(model.config, config, args.seq, device, compute_dtype(device))
+    steps = train(model, masks, packed(books, bos, args.seq, random.Random(args.seed)), args, log)
+    evaluate(f"after {steps} steps")
+    save_checkpoint(model, args.model, args.out, config, args.seq)
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
