@@ -34,7 +34,6 @@ import math
 import random
 import shutil
 import sys
-import time
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from budget import StepBudget  # noqa: E402  (tools/, the script's own folder)
 from checkpoint import checkpoint_tensors, load_model, read_json  # noqa: E402
 from hybrid import CONFIG_KEY, SparseSlots  # noqa: E402
 from methods import add_options, config_from, given_options  # noqa: E402
@@ -108,29 +108,14 @@ def lr_factor(step, total):
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def clock(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.monotonic()
-
-
 def train(model, masks, sequences, args, log):
     """At most args.steps steps and args.minutes minutes; returns the steps run."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
     device = model.device
-    begin = clock(device)
-    deadline, total, step = begin + 60 * args.minutes, args.steps, 0
-    while step < total and time.monotonic() < deadline:
-        if step == TIMED_FROM:
-            timed = clock(device)
-        if step == PLAN_AT:
-            now = clock(device)
-            per_step = (now - timed) / (PLAN_AT - TIMED_FROM)
-            total = min(total, PLAN_AT + int(0.95 * (deadline - now) / per_step))  # 5 % spare
-            log(f"{per_step:.3f} s per step ({args.seq / per_step / 1e3:.1f}K tokens/s): "
-                f"{total} steps in {args.minutes} minutes")
+    budget = StepBudget(args.steps, args.minutes, device, TIMED_FROM, PLAN_AT, log)
+    for step in budget:
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * lr_factor(step, total)
+            group["lr"] = args.lr * lr_factor(step, budget.total)
         ids = torch.tensor(next(sequences), device=device)
         with autocast(device):
             loss = sequence_nll(model, ids, masks)
@@ -138,11 +123,10 @@ def train(model, masks, sequences, args, log):
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
-        if step % 20 == 0 or step == total - 1:
-            log(f"step {step + 1}/{total}  loss {loss.item():.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  "
-                f"{time.monotonic() - begin:.0f} s")
-        step += 1
-    return step
+        if step % 20 == 0 or step == budget.total - 1:
+            log(f"step {step + 1}/{budget.total}  loss {loss.item():.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  "
+                f"{budget.elapsed():.0f} s ({args.seq * (step + 1) / budget.elapsed() / 1e3:.1f}K tokens/s)")
+    return budget.done
 
 
 def autocast(device):

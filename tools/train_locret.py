@@ -35,7 +35,6 @@ import argparse
 import functools
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from budget import StepBudget  # noqa: E402  (tools/, the script's own folder)
 from checkpoint import load_model  # noqa: E402
 from locret import RetainingHeads, retention_loss, save_heads, scores_and_labels  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -139,27 +139,13 @@ def lr_factor(step, total):
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def clock(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.monotonic()
-
-
 def train(model, heads, sample, args, log):
     """Locret's optimisation for at most args.steps steps and args.minutes minutes; returns the steps run."""
     optimizer = torch.optim.AdamW(heads.parameters(), lr=args.lr, betas=BETAS)
-    begin = clock(model.device)
-    deadline, total, step = begin + 60 * args.minutes, args.steps, 0
-    while step < total and time.monotonic() < deadline:
-        if step == TIMED_FROM:
-            timed = clock(model.device)
-        if step == PLAN_AT:
-            now = clock(model.device)
-            per_step = (now - timed) / (PLAN_AT - TIMED_FROM)
-            total = min(total, PLAN_AT + int(0.95 * (deadline - now) / per_step))  # 5 % spare
-            log(f"{per_step:.3f} s per step: {total} steps in {args.minutes} minutes")
+    budget = StepBudget(args.steps, args.minutes, model.device, TIMED_FROM, PLAN_AT, log)
+    for step in budget:
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * lr_factor(step, total)
+            group["lr"] = args.lr * lr_factor(step, budget.total)
         prefix, answer = sample()
         scores, labels = scores_and_labels(model, heads, prefix, answer)
         loss = retention_loss(scores, labels)
@@ -167,12 +153,11 @@ def train(model, heads, sample, args, log):
         loss.backward()
         nn.utils.clip_grad_value_(heads.parameters(), CLIP)
         optimizer.step()
-        if step % 50 == 0 or step == total - 1:
-            log(f"step {step + 1}/{total}  loss {loss.item():.4f}  top-10% overlap "
+        if step % 50 == 0 or step == budget.total - 1:
+            log(f"step {step + 1}/{budget.total}  loss {loss.item():.4f}  top-10% overlap "
                 f"{top_overlap(scores.detach(), labels):.3f}  prefix {len(prefix)}  "
-                f"lr {optimizer.param_groups[0]['lr']:.2e}  {time.monotonic() - begin:.0f} s")
-        step += 1
-    return step
+                f"lr {optimizer.param_groups[0]['lr']:.2e}  {budget.elapsed():.0f} s")
+    return budget.done
 
 
 def parse_args(argv):
