@@ -120,7 +120,7 @@ def decode(model, prefilled, sampler, max_new_tokens, eos_ids, cuda_graph, on_to
     logits = prefilled.logits.clone()
     logits[[i for i in eos_ids if i < len(logits)]] = float("-inf")
     tokens = [sampler(logits[None]).item()]
-    graph = cuda_graph and prefilled.cache.k.is_cuda and prefilled.cache.graph_safe
+    graph = cuda_graph and prefilled.cache.graph_safe and prefilled.cache.k.is_cuda  # every cache says, on any device
     try:
         on_token(tokens[0])
         if max_new_tokens > 1:

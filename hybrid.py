@@ -155,6 +155,8 @@ class HybridCache:
     warm-up must save and restore decode_state(), not lens alone.
     """
 
+    graph_safe = True  # decode_attend computes its write slot and masks on the device
+
     def __init__(self, model_config, config, batch, capacity, device, dtype):
         self.config, self.full_layers = config, config.full_range(model_config.n_layers)
         self.full = KVCache(replace(model_config, n_layers=len(self.full_layers)), batch, capacity, device, dtype)
