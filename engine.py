@@ -81,6 +81,13 @@ def checkpoint_layout(path):
         raise CheckpointError(f"{path}: {e}")
 
 
+def decode_options(max_new_tokens, temperature, top_p, top_k, seed):
+    """The answer budget checked and the sampling parameters, which check themselves."""
+    if max_new_tokens < 1:
+        raise OptionError("max_new_tokens", "{} must be at least 1")
+    return SamplingParams(temperature, top_p, top_k, seed)
+
+
 def method_config(method, config, auto):
     """The config `method` runs with: `config`, or the method's defaults when there is none or
     when auto chose a method other than the one `config` is for."""
@@ -190,11 +197,9 @@ class Engine:
         OptionError naming the parameter; Ctrl-C while decoding raises Interrupted, which carries
         the Generation so far.
         """
-        sampling = SamplingParams(temperature, top_p, top_k, distributed.common_seed(seed))
+        sampling = decode_options(max_new_tokens, temperature, top_p, top_k, distributed.common_seed(seed))
         if method != AUTO and method not in METHODS:
             raise OptionError("method", f"unknown {{}} {method!r} (choose from auto, {', '.join(METHODS)})")
-        if max_new_tokens < 1:
-            raise OptionError("max_new_tokens", "{} must be at least 1")
         if not document.strip() and not (question or "").strip():
             raise EngineError("the prompt is empty")
         if config is not None:
@@ -281,9 +286,8 @@ def parse_args(argv):
                    help="no progress bar, summary or download messages (errors still print)")
     add_options(p)
     args = p.parse_args(argv)
-    chosen = "parallelcomp" if args.method == AUTO else args.method
     for name, options in given_options(args).items():
-        if name != chosen:
+        if name != chosen_method(args):
             p.error(f"{flag_of(name, next(iter(options)))} is an option of --method {name}, not {args.method}")
     return args
 
@@ -358,9 +362,7 @@ def answer(args, log, bar):
     """Check the options, read the prompt, load the model and generate (streaming to stdout unless --json)."""
     options = dict(method=args.method, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
-    if args.max_new_tokens < 1:
-        raise OptionError("max_new_tokens", "{} must be at least 1")
+    decode_options(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)  # before the model loads
     distributed.init(args.device)  # under torchrun, rank 0 reads the prompt for all
     document = distributed.from_rank0(read_prompt, args.prompt)
     engine = Engine(args.model, args.device, getattr(torch, args.dtype) if args.dtype else None, log)
