@@ -1,31 +1,44 @@
 """Prefill and decode speed against the GPU's physical limits, beside transformers.
 
     python bench.py --model both --contexts 8192 32768 131072 --out bench.json
+    python bench.py --model prolong-8b --contexts 65536 131072 262144 524288 \
+        --methods full parallelcomp:chunk-tokens=8192 --no-transformers --out bench_prolong.json
 
-Models: SmolLM2-135M (the embedded checkpoint) and a Llama-3-8B-shaped model with random bf16
-weights made on the GPU. For each context length and method (full attention, ParallelComp) it
-measures prefill time and decode time per token with CUDA graphs, and prints each beside its
-floor: prefill FLOPs over the bf16 matmul rate, decode bytes (weights + KV read per token) over
-the copy bandwidth, both measured in the same run. transformers' LlamaForCausalLM (sdpa) runs
-the same shapes when it is installed.
+Models: SmolLM2-135M (the embedded checkpoint; `both` is it and llama3-8b) and models with random
+bf16 weights made on the GPU in the shapes of Llama-3-8B (8K window), Llama-3.1-8B (128K) and
+ProLong-8B-512K (Llama-3-8B with RoPE base 1.28e8 and a 512K window). A model without shipped
+Locret heads gets random ones of Locret's published shape (1024 wide): speed does not depend on
+their values. For each context length and method it measures prefill time (after a warm-up on
+the prompt's first tokens, which builds the attention plans of its shapes) and decode time per
+token with CUDA graphs, and prints each beside its floor: prefill FLOPs over the bf16 matmul
+rate, decode bytes (weights + KV read per token) over the copy bandwidth, both measured in the
+same run. A length whose cache does not fit is a row saying so. transformers' LlamaForCausalLM
+(sdpa) runs the same shapes when it is installed.
 """
 
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 
 from checkpoint import load_model
 from decoding import Decoder, SamplingParams
+from locret import RetainingHeads, ships_heads
 from methods import METHODS, add_options, parse_specs, prepared
 from model import ModelConfig, build_model
-from prefill import Prompt
+from prefill import MemoryShortage, Prompt
 
 LLAMA3_8B = ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                         ffn_dim=14336, norm_eps=1e-5, rope_theta=500000.0, rope_scaling=None,
                         max_position_embeddings=8192, tie_word_embeddings=False, attention_bias=False,
                         output_bias=False)
+RANDOM_SHAPES = {"llama3-8b": LLAMA3_8B,
+                 "llama3.1-8b": replace(LLAMA3_8B, max_position_embeddings=131072),
+                 "prolong-8b": replace(LLAMA3_8B, rope_theta=1.28e8, max_position_embeddings=524288)}
+LOCRET_HIDDEN = 1024  # the width of Locret's published heads
+WARM_UP_TOKENS = 16384  # a causal-prefill piece and a piece after it; ParallelComp's chunk batches
 QUESTION_TOKENS = 64
 DECODE_STEPS = 256  # the answer budget: cache room for warm-up and timed decode steps
 TIMED_STEPS, REPEATS = 32, 5  # decode: the median of 5 runs of 32 steps, after one warm-up run
@@ -85,34 +98,47 @@ def prefill_flops(c, stats):
         + 2 * stats["scored_tokens"] * c.vocab_size * c.dim
 
 
+def random_heads(c):
+    heads = RetainingHeads(c, LOCRET_HIDDEN)
+    for param in heads.parameters():
+        param.data.normal_(0, 0.02)
+    return heads
+
+
 def bench_engine(model, context, label, method, config, bandwidth, matmul_rate):
     c = model.config
     gen = torch.Generator().manual_seed(context)
     ids = torch.randint(0, c.vocab_size, (context,), generator=gen).tolist()
     prompt = Prompt([], ids[:-QUESTION_TOKENS], ids[-QUESTION_TOKENS:])
+    if method == "locret" and config.retaining_heads is None and not ships_heads(c):
+        config = replace(config, retaining_heads=random_heads(c))
     # a token a word for text options: speed depends on their length only
     config = prepared(config, model, lambda text: [sum(map(ord, w)) % c.vocab_size for w in text.split()])
     prefill = METHODS[method].prefill
-    with torch.inference_mode():
-        warm_up = Prompt([], prompt.context[:4096], prompt.question)  # cuDNN plans, cuBLAS handles
-        prefill(model, warm_up, config, DECODE_STEPS)
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        prefilled = prefill(model, prompt, config, DECODE_STEPS)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        prefill_memory = torch.cuda.max_memory_allocated()
-        cached = prefilled.cache.lens.max().item()
-        decoder = Decoder(model, prefilled.cache, int(prefilled.logits.argmax()), prefilled.next_position,
-                          DECODE_STEPS, SamplingParams().sampler("cuda"), True)
-        decode = timed(lambda: decoder.run(TIMED_STEPS), REPEATS) / TIMED_STEPS
+    row = dict(engine="ours", method=label, context=context)
+    try:
+        with torch.inference_mode():
+            warm_up = Prompt([], prompt.context[:WARM_UP_TOKENS - QUESTION_TOKENS], prompt.question)
+            prefill(model, warm_up, config, DECODE_STEPS)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            prefilled = prefill(model, prompt, config, DECODE_STEPS)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            prefill_memory = torch.cuda.max_memory_allocated()
+            cached = prefilled.cache.lens.max().item()
+            decoder = Decoder(model, prefilled.cache, int(prefilled.logits.argmax()), prefilled.next_position,
+                              DECODE_STEPS, SamplingParams().sampler("cuda"), True)
+            decode = timed(lambda: decoder.run(TIMED_STEPS), REPEATS) / TIMED_STEPS
+    except MemoryShortage as e:
+        return dict(row, error=str(e))
     flops = prefill_flops(c, prefilled.stats)
-    extra = {k: prefilled.stats[k] for k in ("chunks",) if k in prefilled.stats}
+    extra = {k: prefilled.stats[k] for k in ("chunks", "kv_bytes", "full_kv_bytes") if k in prefilled.stats}
     decode_bytes = weight_bytes(c) + kv_bytes_per_token(c) * cached
     prefill_floor, decode_floor = flops / matmul_rate, decode_bytes / bandwidth
-    return dict(engine="ours", method=label, context=context, **extra, cache_tokens=cached,
+    return dict(row, **extra, cache_tokens=cached,
                 prefill_s=seconds, prefill_tok_s=context / seconds, prefill_floor_s=prefill_floor,
                 prefill_ratio=prefill_floor / seconds, prefill_tflops=flops / seconds / 1e12,
                 decode_ms=decode * 1e3, decode_tok_s=1 / decode, decode_floor_ms=decode_floor * 1e3,
@@ -184,7 +210,7 @@ def table(rows):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("smollm2", "llama3-8b", "both"), default="both")
+    p.add_argument("--model", nargs="+", choices=("smollm2", *RANDOM_SHAPES, "both"), default=["both"])
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--methods", nargs="+", default=["full", "parallelcomp"], metavar="METHOD[:FLAG=VALUE,...]",
                    help="methods of the table, each in the settings after its colon")
@@ -199,14 +225,15 @@ def main():
     bandwidth, matmul_rate = measure_limits()
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s")
     rows = []
-    for name in (("smollm2", "llama3-8b") if args.model == "both" else (args.model,)):
+    names = [n for name in args.model for n in (("smollm2", "llama3-8b") if name == "both" else (name,))]
+    for name in dict.fromkeys(names):
         if name == "smollm2":
             from weights.smollm2 import ensure_default_model
             checkpoint = ensure_default_model()
             model = load_model(checkpoint, "cuda", torch.bfloat16)
         else:
             checkpoint = None
-            model = build_model(LLAMA3_8B, "cuda", torch.bfloat16)
+            model = build_model(RANDOM_SHAPES[name], "cuda", torch.bfloat16)
             gen = torch.Generator("cuda").manual_seed(0)
             for param in model.parameters():
                 param.normal_(0, 0.02, generator=gen)

@@ -28,7 +28,7 @@ from decoding import SamplingParams, decode
 from distributed import RankError
 from hybrid import layout_from_config
 from methods import METHODS, add_options, config_from, flag_of, given_options, prepared
-from prefill import OptionError, Prompt
+from prefill import MemoryShortage, OptionError, Prompt
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from weights import WeightsError
 
@@ -421,7 +421,7 @@ def main(argv=None):
         return 1
     except OptionError as e:
         message = cli_message(e, chosen_method(args))
-    except (EngineError, CheckpointError, TokenizerError, WeightsError, RankError) as e:
+    except (EngineError, CheckpointError, TokenizerError, WeightsError, RankError, MemoryShortage) as e:
         message = str(e)
     except RuntimeError as e:
         if not out_of_memory(e):

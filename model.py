@@ -380,12 +380,17 @@ class Llama(nn.Module):
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         return self.logits(self(tokens, positions, lambda layer, q, k, v: attention(q, k, v)))
 
+    def kv_bytes_per_token(self):
+        """Memory a cached token takes: its K and V in every layer."""
+        c = self.config
+        return 2 * c.n_layers * c.n_kv_heads * c.head_dim * self.embed.weight.element_size()
+
     def prefill_bytes_per_token(self):
         """Memory a prefilled token takes: its K/V in every layer, plus one layer's activations
         (RoPE in float32) while it is encoded."""
         c, b = self.config, self.embed.weight.element_size()
         qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
-        return 2 * c.n_layers * c.n_kv_heads * c.head_dim * b + b * (6 * c.dim + 3 * qkv + 4 * c.ffn_dim) + 8 * qkv
+        return self.kv_bytes_per_token() + b * (6 * c.dim + 3 * qkv + 4 * c.ffn_dim) + 8 * qkv
 
     def logits(self, hidden):
         """(..., dim) -> float32 (..., vocab): call it only where a token is sampled or scored."""

@@ -21,7 +21,6 @@ Deviations from the original code (menik1126/ParallelComp), all deliberate:
 """
 
 import math
-import os
 import re
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from model import KVCache, attention, scores_f32
-from prefill import OptionError, Prefilled, option
+from prefill import OptionError, Prefilled, free_memory, option
 
 OBSERVATION_WINDOW = 8  # last question tokens whose attention scores a chunk's tokens (KV eviction)
 POOL_KERNEL = 7  # KV eviction max-pools scores over neighbours so kept tokens come in runs
@@ -125,11 +124,7 @@ def default_chunk_tokens(window, head_len, question_len, answer_budget):
 
 def chunk_batch_size(model, chunk_len, n_chunks):
     """Chunks per forward: what half the free memory holds, at most MAX_BATCH_TOKENS tokens."""
-    if model.device.type == "cuda":
-        free = torch.cuda.mem_get_info(model.device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    fits = int(0.5 * free // (model.prefill_bytes_per_token() * chunk_len))
+    fits = int(0.5 * free_memory(model.device) // (model.prefill_bytes_per_token() * chunk_len))
     return max(1, min(n_chunks, fits, MAX_BATCH_TOKENS // chunk_len))
 
 

@@ -9,6 +9,7 @@ which encodes the prompt into a KV cache with room for `answer_budget` generated
 table in methods.py names the methods; the decode loop (decoding.py) continues from any Prefilled.
 """
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,18 @@ class OptionError(ValueError):
 
     def named(self, name):
         return self.template.format(name)
+
+
+class MemoryShortage(RuntimeError):
+    """A prefill that cannot fit in the free memory, found before it starts."""
+
+
+def free_memory(device):
+    """Bytes a new allocation can take: free device memory plus what PyTorch holds unused on a
+    GPU; the available physical memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def option(default, help, parse=None, flag=None, metavar=None):
@@ -70,10 +83,22 @@ class Prefilled:
     stats: dict
 
 
+def prefill_piece(device):
+    return PREFILL_PIECE.get(device.type, PREFILL_PIECE["cuda"])
+
+
 def causal_prefill(model, ids, answer_budget):
     """Plain causal prefill of `ids` at positions 0..T-1 into a new cache with room for the
-    answer: (cache, logits (vocab,) at the last token)."""
-    cache = KVCache(model.config, 1, len(ids) + answer_budget, model.device, model.dtype)
+    answer: (cache, logits (vocab,) at the last token). Raises MemoryShortage at once when the
+    cache and one piece's activations would not fit, rather than minutes into the prefill."""
+    tokens, piece = len(ids) + answer_budget, min(len(ids), prefill_piece(model.device))
+    need = model.kv_bytes_per_token() * tokens + (model.prefill_bytes_per_token() - model.kv_bytes_per_token()) * piece
+    free = free_memory(model.device)
+    if need > free:
+        raise MemoryShortage(f"a cache of {tokens:,} tokens and their prefill need {need / 2**30:.1f} GiB, "
+                             f"{free / 2**30:.1f} GiB are free on {model.device}: shorten the prompt or the "
+                             "answer, or choose a method with a bounded cache")
+    cache = KVCache(model.config, 1, tokens, model.device, model.dtype)
     return cache, extend(model, cache, ids, 0)
 
 
@@ -81,7 +106,7 @@ def extend(model, cache, ids, position):
     """Append `ids` after the cache's live entries, causally, at positions position.., in pieces
     of PREFILL_PIECE tokens; returns the logits (vocab,) at the last one."""
     tokens = torch.tensor([ids], device=model.device)
-    piece = PREFILL_PIECE.get(model.device.type, PREFILL_PIECE["cuda"])
+    piece = prefill_piece(model.device)
     for a in range(0, len(ids), piece):
         b = min(a + piece, len(ids))
         positions = torch.arange(position + a, position + b, device=model.device)[None]
