@@ -14,6 +14,7 @@ Writes PREFIX.json and prints both tables (rank 0).
 """
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -84,6 +85,7 @@ def peak_gib(device):
 def bench_row(model, prompt, config, placement):
     """One placement at one context: rank 0's timings, every rank's peak memory."""
     device = model.device
+    gc.collect()  # a failed row's exception chain holds its frames, and their tensors, in a cycle
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -219,7 +221,7 @@ def main():
         p.error("start it with torchrun --nproc-per-node N (N >= 2): it compares one GPU with N")
     result = dict(processes=distributed.world(), device=torch.cuda.get_device_name(device) if device.type == "cuda"
                   else "cpu", bench=[], passkey=[])
-    if any(args.contexts):
+    if any(args.contexts) or args.all_kept_context:
         if args.bench_model:
             model = load_model(args.bench_model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         else:
