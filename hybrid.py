@@ -33,6 +33,7 @@ from model import KVCache, attention
 from prefill import OptionError, Prefilled, extend, option
 
 PATTERNS = ("window", "block")
+QUERY_BLOCK = 1024  # sparse layers' prefill: queries per attention call
 CONFIG_KEY = "hybrid_attention"  # config.json: {"full_layers": [first, last], "pattern": ..., any HybridConfig field}
 
 
@@ -197,12 +198,25 @@ class HybridCache:
             s, T = self.sparse_layers.index(layer), k.shape[2]
             new = torch.arange(start, start + T, device=q.device)
             keys = torch.cat([self.slots.positions(start, q.device), new])
-            mask = self.slots.visible(new[:, None], keys)  # (T, slots + T)
-            out = attention(q, torch.cat([self.k_sparse[s], k], dim=2), torch.cat([self.v_sparse[s], v], dim=2), mask)
+            out = self.sparse_attention(q, torch.cat([self.k_sparse[s], k], dim=2),
+                                        torch.cat([self.v_sparse[s], v], dim=2), new, keys)
             self.write_piece(s, new, k, v)
             self.lens[layer] = start + T
             return out
         return attend
+
+    def sparse_attention(self, q, k, v, queries, keys):
+        """A sparse layer's attention of the queries at positions `queries` (T,) over k, v
+        (B, H_kv, S, D) at positions `keys` (S,), QUERY_BLOCK queries at a time, each block over
+        the keys some query of it can see: the mask and the scores stay a block's, and the
+        window pattern's cost grows with T, not T²."""
+        out = []
+        for a in range(0, len(queries), QUERY_BLOCK):
+            visible = self.slots.visible(queries[a:a + QUERY_BLOCK, None], keys)  # (block, S)
+            seen = visible.any(0).nonzero()[:, 0]
+            out.append(attention(q[:, :, a:a + QUERY_BLOCK], k.index_select(2, seen), v.index_select(2, seen),
+                                 visible[:, seen]))
+        return torch.cat(out, dim=2)
 
     def append_attend(self, layer, q, k, v):
         """An `attend` for tokens after the lens[layer] this layer has seen."""

@@ -90,12 +90,15 @@ def run_hybrid(model, ids, config, pieces, check):
     return torch.cat(rows)
 
 
+@pytest.mark.parametrize("query_block", [1024, 16])
 @pytest.mark.parametrize("run", RUNS, ids=["pieces", "decode"])
 @pytest.mark.parametrize("config", [WINDOW, BLOCK], ids=["window", "block"])
-def test_pieces_and_decode_match_masked_reference(setup, config, run):
-    """Prefill in pieces (longer and shorter than the ring) and decoding step by step give the
-    logits of one float64 forward with the pattern's masks; sparse caches never hold more than
-    the pattern needs: 4 + 60 slots (window), strided blocks + 3 local blocks (block)."""
+def test_pieces_and_decode_match_masked_reference(setup, config, run, query_block, monkeypatch):
+    """Prefill in pieces (longer and shorter than the ring), with the sparse layers' queries in
+    one block or in blocks of 16, and decoding step by step give the logits of one float64
+    forward with the pattern's masks; sparse caches never hold more than the pattern needs:
+    4 + 60 slots (window), strided blocks + 3 local blocks (block)."""
+    monkeypatch.setattr(hybrid, "QUERY_BLOCK", query_block)
     (pieces, T), model = run, setup.model
     # block: the strided blocks of the capacity (260, 256-aligned: 512) and 3 local blocks
     slots = 4 + 60 if config.pattern == "window" else 512 // 32 * 8 + 3 * 8
