@@ -2,7 +2,7 @@
 arXiv 2410.01518), training-free.
 
 The KV cache is a pot of M tokens. The context streams into it; each time the pot is full and
-more context follows, it is distilled to C tokens (Continual Context Distillation) and filling
+more context follows (the first time, after C + 1..M tokens: see below), it is distilled to C tokens (Continual Context Distillation) and filling
 goes on. Two scores decide what stays, per layer and KV head:
 - NuC, Novelty under Compression (past importance): each token's NLL given what preceded it in
   the pot, computed once when the token enters; one score per token, shared by all heads;
@@ -31,7 +31,10 @@ and deviations:
   previous fill's last logits, computed before that distillation.
 - The stream's first token (BOS, or the attention sink of a model without one) has no NLL: it
   scores +inf in both NuC and CaP, so it is always kept, in slot 0, and counts in C.
-- A full pot is distilled only when more context follows: the final pot holds up to M tokens.
+- The fills are aligned to the stream's end: the first takes C + 1..M tokens, every later one
+  M − C, so the last fill is whole and the final pot ends with the M − C most recent tokens (filling
+  M first would leave as few as one recent token after the last distillation, when the stream is
+  one token longer than a whole number of fills). A pot is distilled only when more context follows.
 
 Tokenising the catalyst: prefill sees token ids only, so a text catalyst ("generic" or literal
 text) must be replaced by its ids before prefill: `config.prepared(model, tokenizer.encode)`
@@ -176,7 +179,7 @@ def select(nll, cap, C, T):
 
 
 def distil(model, cache, nll, catalyst, C, T):
-    """Distil the full pot (nll (L, H_kv, M): its entries' NuC) to C entries per layer and KV
+    """Distil the full pot (nll (L, H_kv, n): its entries' NuC) to C entries per layer and KV
     head at slots and positions 0..C-1 (CR-RoPE); nll[..., :C] follows. Returns the kept slots."""
     keep = select(nll, cap_scores(model, cache, catalyst, nll.shape[-1]), C, T)
     cache.compact(keep, model.inv_freq)
@@ -186,9 +189,14 @@ def distil(model, cache, nll, catalyst, C, T):
 
 # ---------------------------------------------------------------------------- the whole prefill
 
-def fills(n, M, C):
-    """How many fills of the pot n stream tokens take: M, then M - C after each distillation."""
-    return 1 + -(-max(0, n - M) // (M - C))
+def fill_sizes(n, M, C):
+    """The fills of the pot that n stream tokens take: M - C tokens each after the first, which
+    is shorter (C + 1..M tokens) so that the last is whole: the final pot always ends with the
+    M - C most recent tokens."""
+    if n <= M:
+        return [n]
+    first = M - (M - n) % (M - C)
+    return [first] + [M - C] * ((n - first) // (M - C))
 
 
 def prefill(model, prompt, config, answer_budget, on_progress=None):
@@ -206,19 +214,19 @@ def prefill(model, prompt, config, answer_budget, on_progress=None):
     nll = torch.empty(c.n_layers, c.n_kv_heads, M, device=device)  # NuC of the pot's entries
     stream = torch.tensor(prompt.head + prompt.context, device=device)
     catalyst = torch.tensor(catalyst, device=device)
-    n = done = distillations = 0
+    sizes = fill_sizes(len(stream), M, C)
+    n = done = 0
     last_logits, forwards = None, []
-    while done < len(stream):
-        take = min(M - n, len(stream) - done)
+    for i, take in enumerate(sizes):
         nll[:, :, n:n + take], last_logits = fill(model, cache, stream[done:done + take], n, last_logits)
         forwards.append([take, n + take])
         n, done = n + take, done + take
-        if n == M and done < len(stream):
-            distil(model, cache, nll, catalyst, C, T)
-            forwards.append([len(catalyst), M + len(catalyst)])
-            n, distillations = C, distillations + 1
+        if i + 1 < len(sizes):
+            distil(model, cache, nll[..., :n], catalyst, C, T)
+            forwards.append([len(catalyst), n + len(catalyst)])
+            n = C
         if on_progress:
-            on_progress(fills(done, M, C), fills(len(stream), M, C))
+            on_progress(i + 1, len(sizes))
     q = prompt.question
     if q:
         positions = torch.arange(n, n + len(q), device=device)[None]
@@ -226,6 +234,6 @@ def prefill(model, prompt, config, answer_budget, on_progress=None):
         last_logits = model.logits(hidden[0, -1])
         forwards.append([len(q), n + len(q)])
     cache.k_raw = None  # no distillation after the prompt: decoding needs only k and v
-    stats = dict(distillations=distillations, pot_tokens=M, pot_keep=C, catalyst_tokens=len(catalyst),
-                 evicted_tokens=distillations * (M - C), forwards=forwards, scored_tokens=len(stream) + bool(q))
+    stats = dict(distillations=len(sizes) - 1, pot_tokens=M, pot_keep=C, catalyst_tokens=len(catalyst),
+                 evicted_tokens=len(stream) - n, forwards=forwards, scored_tokens=len(stream) + bool(q))
     return Prefilled(cache, last_logits, n + len(q), stats)

@@ -125,10 +125,11 @@ def reference_cap(setup, record, catalyst):
 
 class Distilled:
     """One distillation, step by step: the first M tokens filled in two pieces (the second's first
-    NuC from the first's last logits), the catalyst's scores, then distil; and float64 references."""
+    NuC from the first's last logits), the catalyst's scores, then distil; and float64 references.
+    The prompt is one whole fill longer than the pot, so its first fill is M tokens."""
 
     def __init__(self, setup):
-        model, self.prompt = setup.model, setup.prompt(M + 20)
+        model, self.prompt = setup.model, setup.prompt(M + (M - C))
         self.stream, self.catalyst = self.prompt.head + self.prompt.context, list(setup.config.catalyst)
         self.T = round(0.5 * C)
         self.record = []
@@ -188,7 +189,7 @@ def test_compaction_re_rotates_raw_keys(distilled):
 
 
 def test_prefill_after_one_distillation(setup, distilled):
-    """The whole prefill: the same distillation, then 20 tokens and the question after the C kept
+    """The whole prefill: the same distillation, then M - C tokens and the question after the C kept
     entries, against float64 attending to the kept tokens' keys rotated at 0..C-1."""
     d = distilled
     result = run(setup, d.prompt)
@@ -219,29 +220,29 @@ class PositionSpy:
         return self.model(tokens, positions, attend, observe)
 
 
-@pytest.mark.parametrize("stream_len", [1100, 2300])
+@pytest.mark.parametrize("stream_len", [640, 1100, 2300])
 def test_long_prompt_keeps_the_pot_bounded(setup, stream_len):
+    """The fills are aligned to the end: a first fill of C + 1..M tokens, then M - C per distillation,
+    so the final pot is the C kept entries and the M - C most recent tokens."""
     prompt = setup.prompt(stream_len)
     P, Q = len(setup.config.catalyst), len(prompt.question)
     spy = PositionSpy(setup.model)
     result = run(setup, prompt, model=spy)
     distillations = math.ceil((stream_len - M) / (M - C))
-    final = stream_len - distillations * (M - C)
+    first = stream_len - distillations * (M - C)
+    assert C < first <= M and (first == M) == (stream_len == 640)
     assert result.stats["distillations"] == distillations
-    assert result.stats["evicted_tokens"] == distillations * (M - C)
-    assert (result.cache.lens == final + Q).all() and result.next_position == final + Q
+    assert result.stats["evicted_tokens"] == stream_len - M
+    assert (result.cache.lens == M + Q).all() and result.next_position == M + Q
     assert result.cache.capacity == 512  # M + max(P, Q + 20) rounded up to 256, whatever the prompt's length
-    forwards, done = [[M, M]], M  # the first fill, then (catalyst, fill) per distillation, then the question
-    while done < stream_len:
-        take = min(M - C, stream_len - done)
-        forwards += [[P, M + P], [take, C + take]]
-        done += take
-    assert result.stats["forwards"] == forwards + [[Q, final + Q]]
+    forwards = [[first, first], [P, first + P], [M - C, M]]  # the first fill, then (catalyst, fill) per distillation
+    forwards += [[P, M + P], [M - C, M]] * (distillations - 1)
+    assert result.stats["forwards"] == forwards + [[Q, M + Q]]
     assert [[len(p), p[-1] + 1] for p in spy.positions] == result.stats["forwards"]  # slot == position
     assert all(p == list(range(p[0], p[-1] + 1)) for p in spy.positions)
     assert result.stats["scored_tokens"] == stream_len + 1
     tokens = greedy(setup.model, result.cache, result.logits, result.next_position, 5)
-    assert (result.cache.lens == final + Q + 5).all() and len(tokens) == 5
+    assert (result.cache.lens == M + Q + 5).all() and len(tokens) == 5
 
 
 def test_select_by_hand():
