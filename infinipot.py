@@ -2,8 +2,8 @@
 arXiv 2410.01518), training-free.
 
 The KV cache is a pot of M tokens. The context streams into it; each time the pot is full and
-more context follows (the first time, after C + 1..M tokens: see below), it is distilled to C tokens (Continual Context Distillation) and filling
-goes on. Two scores decide what stays, per layer and KV head:
+more context follows (the first time after C + 1..M tokens: see below), it is distilled to C
+tokens (Continual Context Distillation) and filling goes on. Two scores decide what stays, per layer and KV head:
 - NuC, Novelty under Compression (past importance): each token's NLL given what preceded it in
   the pot, computed once when the token enters; one score per token, shared by all heads;
 - CaP, the Catalyst Prompt (future importance): a short prompt run after the full pot; the
