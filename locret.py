@@ -6,8 +6,9 @@ Every layer has a retaining head, Linear -> SiLU -> Linear, that reads a token's
 prompt is prefilled S tokens at a time against the cache; after each chunk every layer and KV head
 keeps its B best-scored entries, the n_s most recent always among them while chunks remain (the
 stabilizers). Keys are cached before RoPE as well, and the kept entries are re-rotated to the
-contiguous positions 0..n-1, so each chunk follows a gap-free cache. The question is prefilled after
-the last eviction and never evicted; decoding does not evict.
+contiguous positions 0..n-1, so each chunk follows a gap-free cache. The prompt's last LOCAL_TOKENS
+tokens (the whole question when it is longer) are prefilled after the last eviction and never
+evicted; decoding does not evict.
 
 The heads are trained (tools/train_locret.py) on labels read from attention: for each prefix token,
 the largest pre-softmax score q·k/sqrt(D) it receives from the answer's tokens over its KV head's
@@ -15,8 +16,8 @@ query group (`retention_labels`), fitted with SmoothL1 plus a smoothness term (`
 
 Deviations from the original code, all deliberate:
 - B, S and n_s default to values scaled to the model's trained window (`LocretConfig.settings`);
-- the uncompressed tail is the question block; without a question, the last LOCAL_TOKENS tokens
-  (the original always takes its local_len = 100 last tokens);
+- the uncompressed tail grows to the whole question when that is longer than LOCAL_TOKENS (the
+  original always takes its local_len = 100 last tokens, evicting the start of a long question);
 - head scores are kept in float32 (the original keeps them in the model's dtype, bf16), and a tie
   keeps the later token (topk leaves it unspecified; in the first layer equal tokens score equal);
 - kept raw keys are rotated once per eviction, not the whole cache at every forward (same positions);
@@ -39,7 +40,7 @@ from checkpoint import CheckpointError
 from model import KVCache, attention, scores_f32
 from prefill import OptionError, Prefilled, extend, option
 
-LOCAL_TOKENS = 100  # the uncompressed tail of a prompt without a question (Locret's local_len)
+LOCAL_TOKENS = 100  # the uncompressed tail at least (Locret's local_len)
 SMOOTHNESS = 0.0025  # weight of the smoothness term in the training loss
 DEFAULT_HEADS = Path(__file__).parent / "weights" / "locret_smollm2.safetensors"
 SMOLLM2_135M = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64)
@@ -240,7 +241,8 @@ class RetainedCache:
 
 
 def prefill(model, prompt, config, answer_budget, on_progress=None):
-    """Locret's prefill of prompt (head + context in chunks with eviction, then the question).
+    """Locret's prefill of prompt: all but its tail in chunks with eviction, then the tail (the last
+    LOCAL_TOKENS tokens, or the question when longer) without.
 
     on_progress(chunks_done, chunks_total) after each chunk. Stats besides forwards and
     scored_tokens: compressions (evictions that removed entries), evicted_tokens and kept_tokens
@@ -249,7 +251,9 @@ def prefill(model, prompt, config, answer_budget, on_progress=None):
     budget, chunk, stabilizers = config.settings(model.config)
     heads = with_heads(config, model).retaining_heads
     ids = prompt.ids()
-    n_tail = len(prompt.question) or min(LOCAL_TOKENS, len(ids))
+    # The text just before a short question stays whole: evicted to scattered tokens, it left
+    # SmolLM2 unable to read a kept passkey (issue 12).
+    n_tail = min(max(len(prompt.question), LOCAL_TOKENS), len(ids))
     stream, tail = ids[:len(ids) - n_tail], ids[len(ids) - n_tail:]
     cache = RetainedCache(model, heads, min(len(stream), budget + chunk), n_tail + answer_budget)
     starts = range(0, len(stream), chunk)

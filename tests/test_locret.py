@@ -2,9 +2,10 @@
 labels and losses, and head files written by the test.
 
 stories260K (a real Llama, window 512) with randomly initialised retaining heads: the mechanics,
-not the heads' quality. A 308-token head + context in 48-token chunks through a 96-entry cache makes
-five evictions, each checked: what every layer and KV head keeps, the stabilizers among it,
-the keys' positions, and in the end the logits and the cache the decode loop gets.
+not the heads' quality. A 408-token prompt: its first 308 tokens in 48-token chunks through a
+96-entry cache make five evictions, each checked: what every layer and KV head keeps, the
+stabilizers among it, the keys' positions, and in the end, after the last LOCAL_TOKENS tokens
+(the end of the context and the question), the logits and the cache the decode loop gets.
 """
 
 import copy
@@ -27,6 +28,7 @@ from reference import ref_forward, ref_rotations, rel_err
 
 TOL = 1e-5
 BUDGET, CHUNK, STABILIZERS = 96, 48, 24
+STREAM = 308  # prompt tokens before the uncompressed tail
 
 
 class Setup(Stories):
@@ -35,8 +37,9 @@ class Setup(Stories):
         self.config = self.model.config
         tok = self.tok
         text = (BOOKS / "frankenstein.txt").read_text()[20000:26000]
-        self.prompt = Prompt([1] + tok.encode("Read the story."), tok.encode(text)[:298],
-                             [1] + tok.encode("What did the monster see?"), 1, frozenset({2}))
+        head, question = [1] + tok.encode("Read the story."), [1] + tok.encode("What did the monster see?")
+        context = tok.encode(text)[:STREAM + locret.LOCAL_TOKENS - len(head) - len(question)]
+        self.prompt = Prompt(head, context, question, 1, frozenset({2}))
         torch.manual_seed(0)
         self.heads = RetainingHeads(self.config, 16).requires_grad_(False)
         self.heads64 = copy.deepcopy(self.heads).double()
@@ -101,7 +104,8 @@ def ref_locret(s, stream, tail):
 
 @pytest.fixture(scope="module")
 def ref(s):
-    return ref_locret(s, s.prompt.head + s.prompt.context, s.prompt.question)
+    ids = s.prompt.ids()
+    return ref_locret(s, ids[:STREAM], ids[STREAM:])
 
 
 def config(s, **overrides):
@@ -128,8 +132,8 @@ def test_budget_at_least_the_prompt_is_plain_prefill(s):
 
 
 def test_every_chunk_keeps_the_budget_the_stabilizers_and_contiguous_keys(s, ref):
-    stream = s.prompt.head + s.prompt.context
-    cache = RetainedCache(s.model, s.heads, BUDGET + CHUNK, len(s.prompt.question))
+    stream = s.prompt.ids()[:STREAM]
+    cache = RetainedCache(s.model, s.heads, BUDGET + CHUNK, locret.LOCAL_TOKENS)
     starts = range(0, len(stream), CHUNK)
     assert len(starts) == 7
     for i, start in enumerate(starts):
@@ -152,18 +156,27 @@ def test_every_chunk_keeps_the_budget_the_stabilizers_and_contiguous_keys(s, ref
 def test_prefill_with_eviction_matches_the_float64_locret(s, ref):
     _, past, logits, record = ref
     got = locret.prefill(s.model, s.prompt, config(s), 8)
-    q = len(s.prompt.question)
+    q = locret.LOCAL_TOKENS  # a short question: the tail is the last LOCAL_TOKENS tokens
     assert rel_err(got.logits, logits) <= TOL
     assert got.next_position == BUDGET + q and got.cache.lens.tolist() == [BUDGET + q] * s.config.n_layers
     for i, (k, v) in enumerate(past):
         assert rel_err(got.cache.k[i, 0, :, :BUDGET], k.transpose(0, 1)) <= TOL
         assert rel_err(got.cache.v[i, 0, :, :BUDGET], v.transpose(0, 1)) <= TOL
-        # the question is never evicted: all of it follows the kept context, at positions B..
+        # the tail is never evicted: all of it follows the kept context, at positions B..
         assert rel_err(got.cache.k[i, 0, :, BUDGET:BUDGET + q], record[i]["k"].transpose(0, 1)) <= TOL
     assert got.stats["forwards"] == [[48, 48], [48, 96], [48, 144], [48, 144], [48, 144], [48, 144],
                                      [20, 116], [q, BUDGET + q]]
-    assert got.stats["compressions"] == 5 and got.stats["evicted_tokens"] == 308 - BUDGET
+    assert got.stats["compressions"] == 5 and got.stats["evicted_tokens"] == STREAM - BUDGET
     assert got.stats["kept_tokens"] == BUDGET + q and got.cache.k_raw is None
+
+
+def test_a_question_longer_than_the_local_tokens_is_the_tail(s):
+    question = s.prompt.context[-locret.LOCAL_TOKENS - 20:]
+    prompt = replace(s.prompt, context=s.prompt.context[:-len(question)], question=question)
+    got = locret.prefill(s.model, prompt, config(s), 4)
+    stream = len(prompt.ids()) - len(question)
+    assert got.stats["forwards"][-1] == [len(question), BUDGET + len(question)]
+    assert got.stats["evicted_tokens"] == stream - BUDGET
 
 
 def test_without_a_question_the_last_tokens_are_the_tail(s):
