@@ -252,7 +252,7 @@ def prefill(model, prompt, config, answer_budget, on_progress=None):
     heads = with_heads(config, model).retaining_heads
     ids = prompt.ids()
     # The text just before a short question stays whole: evicted to scattered tokens, it left
-    # SmolLM2 unable to read a kept passkey (issue 12).
+    # SmolLM2 unable to read a pass key its cache still held.
     n_tail = min(max(len(prompt.question), LOCAL_TOKENS), len(ids))
     stream, tail = ids[:len(ids) - n_tail], ids[len(ids) - n_tail:]
     cache = RetainedCache(model, heads, min(len(stream), budget + chunk), n_tail + answer_budget)
