@@ -15,26 +15,37 @@ linear warm-up over 2/3 of the steps (2000 of 3000) then linear decay, gradient 
 
 Data, made up on the fly from public-domain books (Pride and Prejudice, Frankenstein), documents
 of a quarter to 7/8 of the trained window (SmolLM2: 2K to 7K tokens):
-- 40 % continuation: a passage and "Continue the text."; answer: the book's next 128 tokens;
-- 30 % quotation: a passage and a request to quote what follows a 24-token cue; answer: the 64
+- 30 % continuation: a passage and "Continue the text."; answer: the book's next 128 tokens;
+- 20 % quotation: a passage and a request to quote what follows a 24-token cue; answer: the 64
   tokens after the cue;
-- 30 % retrieval: a passage with 1-4 sentences "The secret code for NAME is DDDDD." at random
-  places, one of them asked for; answer: its sentence.
+- 50 % retrieval: a document with 1-4 sentences "The secret code for NAME is DDDDD." at random
+  places, one of them asked for at the end; answer: its sentence. The document is a book passage
+  or, half the time, a haystack: 2-5 of our FILLERS sentences repeated.
 War and Peace is never trained on: its passages make the held-out samples, on which the script
-prints the top-10 % overlap (Locret's "acc": random heads about 0.1) before and after training.
+prints, before and after training, the top-10 % overlap (Locret's "acc": random heads about 0.1)
+and a recall check through the real prefill (`recall`): in --recall-samples passages of twice the
+trained window, each with one fact in its own wording (RECALL_FACTS: neither the training facts'
+nor the pass key's) planted before the uncompressed tail and asked for at the end, locret.prefill
+with the default LocretConfig and the heads; printed: the share of (layer, KV head) caches that
+still hold every token of the fact's value after the prompt, and the share of greedy answers
+(ANSWER_TOKENS at most) that contain it. The overlap says nothing of the value's survival.
 
 Deviations from Locret (its LongAlpaca data is neither offline nor SmolLM2's length): the data
-above instead of long instructions and their answers, and no HotpotQA/SQuAD or self-generated
-summaries (methods.md §3.4) to fit the time budget offline; scores and labels in float32; the
-labels come from the same forward as the scores (Locret prefills 4096-token chunks first, then
-the answer: the same numbers); --minutes caps the training loop: after PLAN_AT steps the number
-of steps (and with it the schedule) shrinks to what fits.
+above instead of long instructions and their answers (retrieval weighted up and given haystacks
+after the SmolLM2 heads of a 30 % mix, all book passages, kept a pass key in fewer than half the
+caches), and no HotpotQA/SQuAD or self-generated summaries (methods.md §3.4) to fit the time
+budget offline; scores and labels in float32; the labels come from the same forward as the
+scores (Locret prefills 4096-token chunks first, then the answer: the same numbers); --minutes
+caps the training loop: after PLAN_AT steps the number of steps (and with it the schedule) shrinks
+to what fits.
 """
 
 import argparse
+import copy
 import functools
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,7 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from budget import StepBudget  # noqa: E402  (tools/, the script's own folder)
 from checkpoint import load_model  # noqa: E402
-from locret import RetainingHeads, retention_loss, save_heads, scores_and_labels  # noqa: E402
+from locret import (LOCAL_TOKENS, LocretConfig, RetainedCache, RetainingHeads, prefill, retention_loss,  # noqa: E402
+                    save_heads, scores_and_labels, with_heads)
+from prefill import Prompt  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
@@ -57,6 +70,20 @@ CONTINUATION, CUE, QUOTE = 128, 24, 64  # answer and cue lengths in tokens
 NAMES = ("Ariadne", "Bartholomew", "Cassius", "Delphine", "Evander", "Fenella", "Gideon", "Honora",
          "Ignatius", "Juniper", "Leopold", "Marisol", "Octavia", "Peregrine", "Rosalind", "Thaddeus")
 MARK = "\x00DOCUMENT\x00"
+TASK_WEIGHTS = (0.3, 0.2, 0.5)  # continuation, quotation, retrieval
+HAYSTACK_SHARE = 0.5  # of the retrieval documents
+FILLERS = ("The kettle hums on the stove.", "A dog barks somewhere down the road.", "Rain taps on the window.",
+           "The clock in the hall strikes the hour.", "Leaves drift across the empty square.",
+           "A boat creaks at its mooring.", "The lamp flickers and steadies.", "Bread cools on the table.")
+RECALL_NAMES = ("Agatha", "Benedikt", "Clementine", "Desmond", "Eulalie", "Florian", "Griselda", "Horatio")
+RECALL_FACTS = (  # (fact, request) about a 5-digit value
+    ("The night porter handed {name} the key to room {value}.",
+     "The night porter handed {name} the key to a room. Which room number?"),
+    ("{name} scratched the number {value} on the back of the old map.",
+     "Which number did {name} scratch on the back of the old map?"),
+    ("The ferry ticket bought by {name} bore the serial {value}.",
+     "Which serial did the ferry ticket bought by {name} bear?"))
+ANSWER_TOKENS = 16  # greedy answer length of the recall check
 
 
 class Layout:
@@ -70,9 +97,13 @@ class Layout:
         else:
             before, after = tokenizer.render_chat([{"role": "user", "content": MARK}]).split(MARK)
             self.before, self.after = tokenizer.encode(before), tokenizer.encode(after)
+        self.eos_ids = tokenizer.eos_ids
+
+    def prompt(self, document, request):
+        return Prompt(self.before, document, self.encode("\n\n" + request) + self.after, eos_ids=self.eos_ids)
 
     def prefix(self, document, request):
-        return self.before + document + self.encode("\n\n" + request) + self.after
+        return self.prompt(document, request).ids()
 
 
 def continuation(rng, book, n, layout):
@@ -90,12 +121,22 @@ def quotation(rng, book, n, layout):
     return layout.prefix(document, request), document[at + CUE:at + CUE + QUOTE]
 
 
+def haystack(rng, n, layout):
+    """n tokens of 2-5 FILLERS sentences repeated."""
+    block = layout.encode(" ".join(rng.sample(FILLERS, rng.randint(2, 5))) + " ")
+    return (block * (n // len(block) + 1))[:n]
+
+
 def retrieval(rng, book, n, layout):
     names = rng.sample(NAMES, rng.randint(1, 4))
     facts = [f"The secret code for {name} is {rng.randrange(10000, 100000)}." for name in names]
     pieces = [layout.encode(" " + fact + " ") for fact in facts]
-    start = rng.randrange(len(book) - n)
-    document = book[start:start + n - sum(map(len, pieces))]
+    n_document = n - sum(map(len, pieces))
+    if rng.random() < HAYSTACK_SHARE:
+        document = haystack(rng, n_document, layout)
+    else:
+        start = rng.randrange(len(book) - n)
+        document = book[start:start + n_document]
     for at, piece in sorted(zip((rng.randrange(len(document)) for _ in pieces), pieces), reverse=True):
         document = document[:at] + piece + document[at:]
     asked = rng.randrange(len(names))
@@ -105,10 +146,10 @@ def retrieval(rng, book, n, layout):
 def sampler(books, layout, window, seed):
     """A function returning a new (prefix, answer) at each call."""
     rng = random.Random(seed)
-    tasks, weights = (continuation, quotation, retrieval), (0.4, 0.3, 0.3)
+    tasks = (continuation, quotation, retrieval)
 
     def sample():
-        task = rng.choices(tasks, weights)[0]
+        task = rng.choices(tasks, TASK_WEIGHTS)[0]
         n = rng.randint(window // 4, window * 7 // 8 - CONTINUATION)
         return task(rng, rng.choice(books), n, layout)
     return sample
@@ -128,6 +169,78 @@ def evaluate(model, heads, samples):
     results = [(top_overlap(s, l), retention_loss(s, l).item())
                for s, l in (scores_and_labels(model, heads, p, a) for p, a in samples)]
     return tuple(sum(r) / len(results) for r in zip(*results))
+
+
+def value_span(decode, piece, value):
+    """(i, j): the fewest tokens piece[i:j] whose text contains `value`."""
+    j = next(j for j in range(len(piece) + 1) if value in decode(piece[:j]))
+    return max(i for i in range(j) if value in decode(piece[i:j])), j
+
+
+def recall_probe(rng, book, n, layout):
+    """A passage of n tokens with a RECALL_FACTS sentence planted before the uncompressed tail and
+    asked for at the end: (Prompt, value, range of the value's token indices in the prompt)."""
+    name, (fact, request) = rng.choice(RECALL_NAMES), rng.choice(RECALL_FACTS)
+    value = str(rng.randrange(10000, 100000))
+    piece = layout.encode(" " + fact.format(name=name, value=value) + " ")
+    start = rng.randrange(len(book) - n)
+    document = book[start:start + n - len(piece)]
+    at = rng.randrange(len(document) - LOCAL_TOKENS)
+    prompt = layout.prompt(document[:at] + piece + document[at:], request.format(name=name))
+    i, j = value_span(layout.decode, piece, value)
+    offset = len(prompt.head) + at
+    return prompt, value, range(offset + i, offset + j)
+
+
+@torch.no_grad()
+def held_tokens(model, prompt, config):
+    """Which prompt tokens each layer and KV head holds after locret.prefill(prompt, config), config
+    with its heads loaded: bool (L, H_kv, len(ids)). prefill returns only the cache, so its chunks
+    and evictions are replayed through locret.RetainedCache; the uncompressed tail is held by all."""
+    budget, chunk, stabilizers = config.settings(model.config)
+    ids = prompt.ids()
+    n_tail = min(max(len(prompt.question), LOCAL_TOKENS), len(ids))  # as locret.prefill
+    stream = ids[:len(ids) - n_tail]
+    cache = RetainedCache(model, config.retaining_heads, min(len(stream), budget + chunk), 0)
+    starts = range(0, len(stream), chunk)
+    for i, start in enumerate(starts):
+        cache.append(stream[start:start + chunk])
+        cache.evict(budget, stabilizers if i + 1 < len(starts) else 0)
+    c = model.config
+    held = torch.zeros(c.n_layers, c.n_kv_heads, len(ids), dtype=torch.bool, device=model.device)
+    held.scatter_(-1, cache.origin[..., :cache.n], True)
+    held[..., len(stream):] = True
+    return held
+
+
+@torch.no_grad()
+def greedy(model, prefilled, steps, eos_ids):
+    """At most `steps` greedy tokens after a prefill, through its cache's decode_attend, up to an EOS."""
+    tokens, logits, position = [], prefilled.logits, prefilled.next_position
+    for _ in range(steps):
+        token = int(logits.argmax())
+        if token in eos_ids:
+            break
+        tokens.append(token)
+        hidden = model(torch.tensor([[token]], device=model.device),
+                       torch.tensor([[position]], device=model.device), prefilled.cache.decode_attend)
+        logits, position = model.logits(hidden[0, -1]), position + 1
+    return tokens
+
+
+@torch.no_grad()
+def recall(model, heads, probes, decode, config=LocretConfig()):
+    """(held, answered) over recall probes: the share of (layer, KV head) caches that hold every
+    token of the value after Locret's prefill with `heads`, and the share of greedy answers that
+    contain the value."""
+    # A copy: with_heads casts the heads to the model's dtype in place, the trained ones stay float32.
+    config = with_heads(replace(config, retaining_heads=copy.deepcopy(heads)), model)
+    held = answered = 0.0
+    for prompt, value, span in probes:
+        held += held_tokens(model, prompt, config)[..., span].all(dim=-1).float().mean().item()
+        answer = greedy(model, prefill(model, prompt, config, ANSWER_TOKENS), ANSWER_TOKENS, prompt.eos_ids)
+        answered += value in decode(answer)
+    return held / len(probes), answered / len(probes)
 
 
 def lr_factor(step, total):
@@ -172,6 +285,8 @@ def parse_args(argv):
     p.add_argument("--hidden", type=int, default=256, help="hidden width of each head")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--eval-samples", type=int, default=32, help="held-out samples (War and Peace)")
+    p.add_argument("--recall-samples", type=int, default=8,
+                   help="held-out recall probes (War and Peace passages of twice the trained window)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -192,6 +307,16 @@ def main(argv=None):
     held_out = tokenizer.encode((args.books / HELD_OUT_BOOK).read_text(encoding="utf-8")[:HELD_OUT_CHARS])
     held_out_sample = sampler([held_out], layout, window, seed=args.seed + 1)
     held_out_samples = [held_out_sample() for _ in range(args.eval_samples)]
+    rng = random.Random(args.seed + 2)
+    probes = [recall_probe(rng, held_out, 2 * window, layout) for _ in range(args.recall_samples)]
+
+    def check(when):
+        overlap, loss = evaluate(model, heads, held_out_samples)
+        held, answered = recall(model, heads, probes, tokenizer.decode)
+        log(f"held-out, {when}:  top-10% overlap {overlap:.3f}  loss {loss:.4f}  recall of a planted "
+            f"value: held by {held:.3f} of the caches, answered {answered:.3f} ({len(probes)} probes "
+            f"of {2 * window} tokens)")
+        return overlap, held, answered
 
     heads = RetainingHeads(model.config, args.hidden).to(device)
     for weight in heads.parameters():
@@ -199,14 +324,14 @@ def main(argv=None):
     n_params = sum(w.numel() for w in heads.parameters())
     log(f"{n_params / 1e6:.2f} M head parameters ({2 * n_params / 2 ** 20:.1f} MiB in bf16); "
         f"training books {sum(map(len, books))} tokens")
-    overlap, loss = evaluate(model, heads, held_out_samples)
-    log(f"held-out, random heads:  top-10% overlap {overlap:.3f}  loss {loss:.4f}")
+    check("random heads")
     steps = train(model, heads, sampler(books, layout, window, seed=args.seed), args, log)
-    overlap, loss = evaluate(model, heads, held_out_samples)
-    log(f"held-out, after {steps} steps:  top-10% overlap {overlap:.3f}  loss {loss:.4f}")
+    overlap, held, answered = check(f"after {steps} steps")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_heads(heads, args.out, metadata={"model": Path(args.model).name, "steps": str(steps),
-                                          "held_out_top10_overlap": f"{overlap:.4f}"})
+                                          "held_out_top10_overlap": f"{overlap:.4f}",
+                                          "held_out_recall_held": f"{held:.4f}",
+                                          "held_out_recall_answered": f"{answered:.4f}"})
     log(f"wrote {args.out}")
 
 
