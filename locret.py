@@ -240,22 +240,18 @@ class RetainedCache:
         return True
 
 
-def prefill(model, prompt, config, answer_budget, on_progress=None):
-    """Locret's prefill of prompt: all but its tail in chunks with eviction, then the tail (the last
-    LOCAL_TOKENS tokens, or the question when longer) without.
+def tail_length(prompt):
+    """Tokens prefilled after the last eviction and never evicted: the last LOCAL_TOKENS, or the
+    whole question when it is longer. The text just before a short question stays whole: evicted
+    to scattered tokens, it left SmolLM2 unable to read a pass key its cache still held."""
+    return min(max(len(prompt.question), LOCAL_TOKENS), len(prompt.ids()))
 
-    on_progress(chunks_done, chunks_total) after each chunk. Stats besides forwards and
-    scored_tokens: compressions (evictions that removed entries), evicted_tokens and kept_tokens
-    (per layer and KV head), head_flops (the retaining heads' multiply-adds x 2).
-    """
+
+def retain(model, heads, stream, config, room, on_progress=None):
+    """The stream prefilled in chunks with eviction: (RetainedCache with `room` slots to spare,
+    forwards, compressions)."""
     budget, chunk, stabilizers = config.settings(model.config)
-    heads = with_heads(config, model).retaining_heads
-    ids = prompt.ids()
-    # The text just before a short question stays whole: evicted to scattered tokens, it left
-    # SmolLM2 unable to read a pass key its cache still held.
-    n_tail = min(max(len(prompt.question), LOCAL_TOKENS), len(ids))
-    stream, tail = ids[:len(ids) - n_tail], ids[len(ids) - n_tail:]
-    cache = RetainedCache(model, heads, min(len(stream), budget + chunk), n_tail + answer_budget)
+    cache = RetainedCache(model, heads, min(len(stream), budget + chunk), room)
     starts = range(0, len(stream), chunk)
     forwards, compressions = [], 0
     for i, start in enumerate(starts):
@@ -265,6 +261,20 @@ def prefill(model, prompt, config, answer_budget, on_progress=None):
         compressions += cache.evict(budget, stabilizers if i + 1 < len(starts) else 0)
         if on_progress:
             on_progress(i + 1, len(starts))
+    return cache, forwards, compressions
+
+
+def prefill(model, prompt, config, answer_budget, on_progress=None):
+    """Locret's prefill of prompt: all but its tail in chunks with eviction, then the tail without.
+
+    on_progress(chunks_done, chunks_total) after each chunk. Stats besides forwards and
+    scored_tokens: compressions (evictions that removed entries), evicted_tokens and kept_tokens
+    (per layer and KV head), head_flops (the retaining heads' multiply-adds x 2).
+    """
+    heads = with_heads(config, model).retaining_heads
+    ids, n_tail = prompt.ids(), tail_length(prompt)
+    stream, tail = ids[:len(ids) - n_tail], ids[len(ids) - n_tail:]
+    cache, forwards, compressions = retain(model, heads, stream, config, n_tail + answer_budget, on_progress)
     n = cache.n
     logits = extend(model, cache.kv, tail, n)
     forwards.append([n_tail, n + n_tail])

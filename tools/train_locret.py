@@ -55,8 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from budget import StepBudget  # noqa: E402  (tools/, the script's own folder)
 from checkpoint import load_model  # noqa: E402
-from locret import (LOCAL_TOKENS, LocretConfig, RetainedCache, RetainingHeads, prefill, retention_loss,  # noqa: E402
-                    save_heads, scores_and_labels, with_heads)
+from locret import (LOCAL_TOKENS, LocretConfig, RetainingHeads, prefill, retain, retention_loss,  # noqa: E402
+                    save_heads, scores_and_labels, tail_length, with_heads)
 from prefill import Prompt  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -195,17 +195,10 @@ def recall_probe(rng, book, n, layout):
 @torch.no_grad()
 def held_tokens(model, prompt, config):
     """Which prompt tokens each layer and KV head holds after locret.prefill(prompt, config), config
-    with its heads loaded: bool (L, H_kv, len(ids)). prefill returns only the cache, so its chunks
-    and evictions are replayed through locret.RetainedCache; the uncompressed tail is held by all."""
-    budget, chunk, stabilizers = config.settings(model.config)
+    with its heads loaded: bool (L, H_kv, len(ids)); the uncompressed tail is held by all."""
     ids = prompt.ids()
-    n_tail = min(max(len(prompt.question), LOCAL_TOKENS), len(ids))  # as locret.prefill
-    stream = ids[:len(ids) - n_tail]
-    cache = RetainedCache(model, config.retaining_heads, min(len(stream), budget + chunk), 0)
-    starts = range(0, len(stream), chunk)
-    for i, start in enumerate(starts):
-        cache.append(stream[start:start + chunk])
-        cache.evict(budget, stabilizers if i + 1 < len(starts) else 0)
+    stream = ids[:len(ids) - tail_length(prompt)]
+    cache = retain(model, config.retaining_heads, stream, config, 0)[0]
     c = model.config
     held = torch.zeros(c.n_layers, c.n_kv_heads, len(ids), dtype=torch.bool, device=model.device)
     held.scatter_(-1, cache.origin[..., :cache.n], True)
