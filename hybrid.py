@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from model import KVCache, attention
+from model import KVCache, attention, decode_attention
 from prefill import OptionError, Prefilled, extend, option
 
 PATTERNS = ("window", "block")
@@ -228,9 +228,9 @@ class HybridCache:
             return self.full.decode_attend(layer - self.full_layers.start, q, k, v)
         s, n = self.sparse_layers.index(layer), self.lens[layer]
         self.write_token(s, n, k, v)
-        mask = self.slots.visible(n, self.slots.positions(n + 1, q.device))[None]  # (1, slots)
+        visible = self.slots.visible(n, self.slots.positions(n + 1, q.device))  # (slots,)
         self.lens[layer] += 1  # n is a view of it
-        return attention(q, self.k_sparse[s], self.v_sparse[s], mask)
+        return decode_attention(q, self.k_sparse[s], self.v_sparse[s], visible)
 
     def write_token(self, s, n, k, v):
         """Token n (0-dim tensor) into sparse layer s, with no host sync: the fixed slot is

@@ -175,16 +175,16 @@ def attention_lse(q, k, v, visible=None):
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
-def decode_attention(q, k, v, length):
+def decode_attention(q, k, v, visible):
     """One query token per sequence against a static cache, with no host sync (graph-safe).
 
-    q (B, H, 1, D); k, v (B, H_kv, S_max, D) of which the first `length` (0-dim tensor) are live.
+    q (B, H, 1, D); k, v (B, H_kv, S_max, D); visible: bool (S_max,), True for the live slots.
     The plain matmul form reads the cache once at near copy bandwidth; SDPA with a mask does not.
     """
     B, H, _, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     s = scores_f32(q.view(B, Hkv, H // Hkv, D), k)  # a KV head's query group as rows
-    s = s.masked_fill(torch.arange(S, device=q.device) >= length, float("-inf"))
+    s = s.masked_fill(~visible, float("-inf"))
     return (s.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)
 
 
@@ -257,7 +257,8 @@ class KVCache:
         self.k[layer].index_copy_(2, at, k)
         self.v[layer].index_copy_(2, at, v)
         self.lens[layer] += 1
-        return decode_attention(q, self.k[layer], self.v[layer], self.lens[layer])
+        live = torch.arange(self.capacity, device=q.device) < self.lens[layer]
+        return decode_attention(q, self.k[layer], self.v[layer], live)
 
 
 # ---------------------------------------------------------------------------- the model
