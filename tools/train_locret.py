@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from budget import StepBudget  # noqa: E402  (tools/, the script's own folder)
 from checkpoint import load_model  # noqa: E402
+from decoding import SamplingParams, decode  # noqa: E402
 from locret import (LOCAL_TOKENS, LocretConfig, RetainingHeads, prefill, retain, retention_loss,  # noqa: E402
                     save_heads, scores_and_labels, tail_length, with_heads)
 from prefill import Prompt  # noqa: E402
@@ -206,19 +207,10 @@ def held_tokens(model, prompt, config):
     return held
 
 
-@torch.no_grad()
-def greedy(model, prefilled, steps, eos_ids):
-    """At most `steps` greedy tokens after a prefill, through its cache's decode_attend, up to an EOS."""
-    tokens, logits, position = [], prefilled.logits, prefilled.next_position
-    for _ in range(steps):
-        token = int(logits.argmax())
-        if token in eos_ids:
-            break
-        tokens.append(token)
-        hidden = model(torch.tensor([[token]], device=model.device),
-                       torch.tensor([[position]], device=model.device), prefilled.cache.decode_attend)
-        logits, position = model.logits(hidden[0, -1]), position + 1
-    return tokens
+def greedy(model, prefilled, eos_ids):
+    """The greedy answer after a prefill, ANSWER_TOKENS at most, through the engine's decode loop."""
+    return decode(model, prefilled, SamplingParams().sampler(model.device), ANSWER_TOKENS, eos_ids, True,
+                  lambda token: None)[0]
 
 
 @torch.no_grad()
@@ -231,7 +223,7 @@ def recall(model, heads, probes, decode, config=LocretConfig()):
     held = answered = 0.0
     for prompt, value, span in probes:
         held += held_tokens(model, prompt, config)[..., span].all(dim=-1).float().mean().item()
-        answer = greedy(model, prefill(model, prompt, config, ANSWER_TOKENS), ANSWER_TOKENS, prompt.eos_ids)
+        answer = greedy(model, prefill(model, prompt, config, ANSWER_TOKENS), prompt.eos_ids)
         answered += value in decode(answer)
     return held / len(probes), answered / len(probes)
 
