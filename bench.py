@@ -225,6 +225,15 @@ def main():
     bandwidth, matmul_rate = measure_limits()
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s")
     rows = []
+
+    def add(row):
+        """Print the row and rewrite the JSON: a run stopped midway keeps what it measured."""
+        rows.append(row)
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), copy_bytes_per_s=bandwidth, bf16_flops=matmul_rate,
+                           rows=rows), f, indent=1)
+
     names = [n for name in args.model for n in (("smollm2", "llama3-8b") if name == "both" else (name,))]
     for name in dict.fromkeys(names):
         if name == "smollm2":
@@ -239,9 +248,7 @@ def main():
                 param.normal_(0, 0.02, generator=gen)
         for context in args.contexts:
             for label, (method, config) in runs.items():
-                rows.append(dict(model=name, **bench_engine(model, context, label, method, config, bandwidth,
-                                                            matmul_rate)))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
+                add(dict(model=name, **bench_engine(model, context, label, method, config, bandwidth, matmul_rate)))
         config = model.config
         del model
         torch.cuda.empty_cache()
@@ -252,14 +259,10 @@ def main():
                 print("transformers is not installed: no peer run")
                 continue
             for context in args.contexts:
-                rows.append(dict(model=name, **bench_transformers(hf, config, context, bandwidth, matmul_rate)))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
+                add(dict(model=name, **bench_transformers(hf, config, context, bandwidth, matmul_rate)))
             del hf
             torch.cuda.empty_cache()
     print(table(rows))
-    with open(args.out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), copy_bytes_per_s=bandwidth, bf16_flops=matmul_rate,
-                       rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

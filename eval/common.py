@@ -59,6 +59,22 @@ def write_json(prefix, data):
     output_path(prefix, ".json").write_text(json.dumps(data, indent=1, default=str))
 
 
+class Rows(list):
+    """A run's rows, PREFIX.json rewritten after each one with "complete": false, so that a run
+    stopped midway (a time limit, Ctrl-C) keeps what it measured; finish() writes the whole."""
+
+    def __init__(self, prefix, args):
+        super().__init__()
+        self.prefix, self.args = prefix, vars(args)
+
+    def append(self, row):
+        super().append(row)
+        write_json(self.prefix, dict(args=self.args, complete=False, rows=self))
+
+    def finish(self, **results):
+        write_json(self.prefix, dict(args=self.args, complete=True, **results, rows=self))
+
+
 def file_label(label):
     """A --methods item as part of a file name: parallelcomp:kv-budget=512 -> parallelcomp_kv-budget-512."""
     return re.sub(r"[^\w.-]+", "-", label.replace(":", "_", 1))

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from common import load_engine, log, markdown_table, parser, runs, write_json
+from common import Rows, load_engine, log, markdown_table, parser, runs
 from metrics import METRICS, example_score, exact_match, gold_options, task_score
 from parallelcomp import ParallelCompConfig  # after common, which puts the repository on sys.path
 
@@ -108,9 +108,8 @@ def task_config(config, task):
     return config
 
 
-def run(engine, items, methods, max_new_tokens):
-    """methods: {label: (method, config)}; one row per item and label."""
-    rows = []
+def run(engine, items, methods, max_new_tokens, rows):
+    """methods: {label: (method, config)}; one row per item and label, appended to rows."""
     for item in items:
         for method, (name, config) in methods.items():
             start = time.perf_counter()
@@ -120,7 +119,6 @@ def run(engine, items, methods, max_new_tokens):
             rows.append(dict(task=item.task, id=item.id, method=method, prompt_tokens=out.stats["prompt_tokens"],
                              answer=out.text, score=item.score(out.text), seconds=time.perf_counter() - start))
             log(f"{item.task} {item.id} {method}: {rows[-1]['score']:.2f} {out.text[:60]!r}")
-    return rows
 
 
 def scores(rows, methods):
@@ -139,9 +137,10 @@ def main(argv=None):
     methods = runs(p, args)
     items = [item for path in args.files for item in read_items(path, args.limit)]
     engine = load_engine(args)
-    rows = run(engine, items, methods, args.max_new_tokens)
+    rows = Rows(args.out, args)
+    run(engine, items, methods, args.max_new_tokens, rows)
     table = scores(rows, args.methods)
-    write_json(args.out, dict(args=vars(args), scores=table, rows=rows))
+    rows.finish(scores=table)
     n = Counter(r["task"] for r in rows)
     print(markdown_table(["task", "metric", "n"] + args.methods,
                          [[t, METRICS.get(t, exact_match).__name__, n[t] // len(args.methods)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from common import METHODS, file_label, length_label, load_engine, log, markdown_table, output_path, parser, runs, write_json
+from common import METHODS, Rows, file_label, length_label, load_engine, log, markdown_table, output_path, parser, runs
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. "
                "Find it and memorize it. I will quiz you about the important information there.\n\n")
@@ -77,9 +77,8 @@ def trials(tokenizer, task, n_tokens, depth, keys, haystack_ids):
     return [(needle_document(tokenizer, haystack_ids, n_tokens, depth), SF_INSTRUCTION, SF_QUESTION, needle_score)]
 
 
-def run(engine, tasks, lengths, depths, keys, haystack_ids, methods):
-    """methods: {label: (method, config)}; one row per trial and label."""
-    rows = []
+def run(engine, tasks, lengths, depths, keys, haystack_ids, methods, rows):
+    """methods: {label: (method, config)}; one row per trial and label, appended to rows."""
     for task in tasks:
         for n_tokens in lengths:
             for depth in depths:
@@ -93,7 +92,6 @@ def run(engine, tasks, lengths, depths, keys, haystack_ids, methods):
                                          prompt_tokens=out.stats["prompt_tokens"], answer=out.text,
                                          score=score(out.text), seconds=time.perf_counter() - start))
                         log(f"{task} {n_tokens} depth {depth} #{trial} {method}: {rows[-1]['score']:.2f} {out.text!r}")
-    return rows
 
 
 def mean_score(rows, **where):
@@ -142,8 +140,9 @@ def main(argv=None):
     haystack_ids = []
     if "needle" in args.tasks:  # about 8 characters per token covers every tokenizer here
         haystack_ids = engine.tokenizer.encode(read_haystack(args.haystack)[:8 * max(args.lengths)])
-    rows = run(engine, args.tasks, args.lengths, args.depths, passkey_keys(args.keys), haystack_ids, methods)
-    write_json(args.out, dict(args=vars(args), rows=rows))
+    rows = Rows(args.out, args)
+    run(engine, args.tasks, args.lengths, args.depths, passkey_keys(args.keys), haystack_ids, methods, rows)
+    rows.finish()
     for task in args.tasks:
         for method in args.methods:
             heatmap(rows, task, method, output_path(args.out, f"_{task}_{file_label(method)}.png"))

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from common import length_label, load_engine, log, markdown_table, output_path, parser, runs, write_json
+from common import Rows, length_label, load_engine, log, markdown_table, output_path, parser, runs
 from methods import METHODS, prepared  # after common, which puts the repository on sys.path
 from prefill import Prompt
 
@@ -51,11 +51,10 @@ def context_prompt(engine, name, context, query_len):
     return Prompt(tok.bos_prefix, context[:split], context[split:], tok.bos_id, tok.eos_ids)
 
 
-def run(engine, tokens, lengths, target_len, query_len, methods):
+def run(engine, tokens, lengths, target_len, query_len, methods, rows):
     """tokens: max(lengths) tokens of context then the target; methods: {label: (method, config)};
-    one row per (N, label)."""
+    one row per (N, label), appended to rows."""
     target, end = tokens[-target_len:], len(tokens) - target_len
-    rows = []
     for n in lengths:
         for method, (name, config) in methods.items():
             start = time.perf_counter()
@@ -67,7 +66,6 @@ def run(engine, tokens, lengths, target_len, query_len, methods):
             rows.append(dict(context_tokens=n, method=method, nll=nll, ppl=math.exp(nll),
                              seconds=time.perf_counter() - start))
             log(f"N={n} {method}: ppl {rows[-1]['ppl']:.2f}")
-    return rows
 
 
 def ppl_of(rows, n, method):
@@ -109,8 +107,9 @@ def main(argv=None):
     if len(engine.tokenizer.bos_prefix) + args.query_tokens + args.target_tokens >= engine.window:
         p.error(f"--query-tokens and --target-tokens must leave room for context in the {engine.window}-token window")
     tokens = book_tokens(engine.tokenizer, args.book, args.offset, lengths[-1] + args.target_tokens)
-    rows = run(engine, tokens, lengths, args.target_tokens, args.query_tokens, methods)
-    write_json(args.out, dict(args=vars(args), rows=rows))
+    rows = Rows(args.out, args)
+    run(engine, tokens, lengths, args.target_tokens, args.query_tokens, methods, rows)
+    rows.finish()
     plot(rows, lengths, args.methods, output_path(args.out, ".png"))
     print(markdown_table(["N"] + args.methods,
                          [[n] + [f"{ppl_of(rows, n, m):.2f}" for m in args.methods] for n in lengths]))

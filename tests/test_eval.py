@@ -4,6 +4,7 @@ The end-to-end runs check structure (files, table rows, finite numbers), not sco
 model trained on children's stories retrieves nothing.
 """
 
+import argparse
 import json
 import math
 import sys
@@ -16,6 +17,7 @@ from conftest import REPO, SHARED, STORIES, needs_stories
 
 sys.path.insert(0, str(REPO / "eval"))
 import longbench  # noqa: E402
+from common import Rows  # noqa: E402
 import passkey  # noqa: E402
 import ppl  # noqa: E402
 from metrics import (classification_score, code_sim, count_score, exact_match, example_score,  # noqa: E402
@@ -127,8 +129,9 @@ def test_passkey_end_to_end(tmp_path, capsys):
     passkey.main(["--model", str(STORIES), "--device", "cpu", "--lengths", "256", "1024", "--depths", "0.25",
                   "0.75", "--keys", "1", "--chunk-tokens", "400", "--methods", "parallelcomp", variant, "full",
                   "truncate", "streaming", "--out", str(tmp_path / "r")])
-    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
-    assert len(rows) == 2 * 2 * 2 * 5  # tasks × lengths × depths × methods, one trial each
+    result = json.loads((tmp_path / "r.json").read_text())
+    rows = result["rows"]
+    assert result["complete"] and len(rows) == 2 * 2 * 2 * 5  # tasks × lengths × depths × methods, one trial each
     assert all(0 <= r["score"] <= 1 for r in rows)
     for task in ("passkey", "needle"):
         for method in ("parallelcomp", "parallelcomp_kv-budget-64-calibrate-sink-1-2", "full", "truncate",
@@ -137,6 +140,18 @@ def test_passkey_end_to_end(tmp_path, capsys):
     table = capsys.readouterr().out.strip().splitlines()
     assert table[0] == f"| task | length | parallelcomp | {variant} | full | truncate | streaming |"
     assert len(table) == 2 + 4
+
+
+def test_rows_on_disk_after_each_one(tmp_path):
+    """A run stopped midway keeps its rows: PREFIX.json after every row, marked incomplete until finish()."""
+    rows = Rows(tmp_path / "x", argparse.Namespace(lengths=[1, 2]))
+    for n in (1, 2):
+        rows.append(dict(n=n))
+        assert json.loads((tmp_path / "x.json").read_text()) == dict(
+            args=dict(lengths=[1, 2]), complete=False, rows=[dict(n=i) for i in range(1, n + 1)])
+    rows.finish(scores=dict(a=1.0))
+    assert json.loads((tmp_path / "x.json").read_text()) == dict(
+        args=dict(lengths=[1, 2]), complete=True, scores=dict(a=1.0), rows=[dict(n=1), dict(n=2)])
 
 
 @needs_stories
