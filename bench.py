@@ -13,7 +13,9 @@ the prompt's first tokens, which builds the attention plans of its shapes) and d
 token with CUDA graphs, and prints each beside its floor: prefill FLOPs over the bf16 matmul
 rate, decode bytes (weights + KV read per token) over the copy bandwidth, both measured in the
 same run. A length whose cache does not fit is a row saying so. transformers' LlamaForCausalLM
-(sdpa) runs the same shapes when it is installed.
+(sdpa) runs the same shapes when it is installed, twice: eager with its dynamic cache, as it runs
+by default, and in the fast path its documentation recommends (a StaticCache, each decode step
+compiled with torch.compile's reduce-overhead mode; the compile timed apart).
 """
 
 import argparse
@@ -42,6 +44,7 @@ WARM_UP_TOKENS = 16384  # a causal-prefill piece and a piece after it; ParallelC
 QUESTION_TOKENS = 64
 DECODE_STEPS = 256  # the answer budget: cache room for warm-up and timed decode steps
 TIMED_STEPS, REPEATS = 32, 5  # decode: the median of 5 runs of 32 steps, after one warm-up run
+COMPILE_CALLS = 3  # torch.compile's reduce-overhead mode records its CUDA graph by the third call
 
 
 # ---------------------------------------------------------------------------- physical limits
@@ -160,7 +163,18 @@ def transformers_model(c, checkpoint):
         return LlamaForCausalLM(hf).to(torch.bfloat16).eval()
 
 
+def peer_row(row, c, context, prefill, decode, bandwidth, matmul_rate):
+    """A transformers row: prefill and decode seconds beside the floors of full attention."""
+    prefill_floor = forward_flops(c, context, context) / matmul_rate
+    decode_floor = (weight_bytes(c) + kv_bytes_per_token(c) * context) / bandwidth
+    return dict(row, prefill_s=prefill, prefill_tok_s=context / prefill, prefill_floor_s=prefill_floor,
+                prefill_ratio=prefill_floor / prefill, decode_ms=decode * 1e3, decode_tok_s=1 / decode,
+                decode_floor_ms=decode_floor * 1e3, decode_ratio=decode_floor / decode,
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+
+
 def bench_transformers(model, c, context, bandwidth, matmul_rate):
+    """transformers as it runs by default: eager, its dynamic cache."""
     ids = torch.randint(0, c.vocab_size, (1, context), device="cuda")
     row = dict(engine="transformers", method="full", context=context)
     try:
@@ -184,12 +198,45 @@ def bench_transformers(model, c, context, bandwidth, matmul_rate):
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return dict(row, error="out of memory")
-    prefill_floor = forward_flops(c, context, context) / matmul_rate
-    decode_floor = (weight_bytes(c) + kv_bytes_per_token(c) * context) / bandwidth
-    return dict(row, prefill_s=prefill, prefill_tok_s=context / prefill, prefill_floor_s=prefill_floor,
-                prefill_ratio=prefill_floor / prefill, decode_ms=decode * 1e3, decode_tok_s=1 / decode,
-                decode_floor_ms=decode_floor * 1e3, decode_ratio=decode_floor / decode,
-                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+    return peer_row(row, c, context, prefill, decode, bandwidth, matmul_rate)
+
+
+def bench_transformers_compiled(model, c, context, bandwidth, matmul_rate):
+    """transformers' fast path, as its documentation recommends it: a StaticCache, the prefill eager
+    (as generate runs it), every decode step a forward compiled with mode="reduce-overhead" (CUDA
+    graphs). compile_s: the first COMPILE_CALLS steps, which compile and record the graphs."""
+    from transformers import StaticCache
+    ids = torch.randint(0, c.vocab_size, (1, context), device="cuda")
+    row = dict(engine="transformers+compile", method="full", context=context)
+    step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    try:
+        with torch.inference_mode():
+            cache = StaticCache(config=model.config, max_cache_len=context + COMPILE_CALLS + (REPEATS + 1) * TIMED_STEPS)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                        cache_position=torch.arange(context, device="cuda"))
+            torch.cuda.synchronize()
+            prefill = time.perf_counter() - start
+            state = dict(token=out.logits[:, -1:].argmax(-1), position=context)
+
+            def run(steps):
+                for _ in range(steps):
+                    at = torch.tensor([state["position"]], device="cuda")
+                    logits = step(state["token"], past_key_values=cache, use_cache=True, cache_position=at,
+                                  position_ids=at[None]).logits
+                    state.update(token=logits[:, -1:].argmax(-1), position=state["position"] + 1)
+            start = time.perf_counter()
+            run(COMPILE_CALLS)
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - start
+            decode = timed(lambda: run(TIMED_STEPS), REPEATS) / TIMED_STEPS
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return dict(row, error="out of memory")
+    return dict(peer_row(row, c, context, prefill, decode, bandwidth, matmul_rate), compile_s=compile_s)
 
 
 # ---------------------------------------------------------------------------- report
@@ -201,7 +248,8 @@ def table(rows):
         if "error" in r:
             lines.append(f"| {r['model']} | {r['engine']} | {r['method']} | {r['context']} | {r['error']} | | | | |")
             continue
-        lines.append(f"| {r['model']} | {r['engine']} | {r['method']} | {r['context']} | "
+        engine = r["engine"] + (f" (compiled in {r['compile_s']:.1f} s)" if "compile_s" in r else "")
+        lines.append(f"| {r['model']} | {engine} | {r['method']} | {r['context']} | "
                      f"{r['prefill_s']:.3f} ({r['prefill_floor_s']:.3f}, {100 * r['prefill_ratio']:.0f} %) | "
                      f"{r['prefill_tok_s']:,.0f} | {r['decode_ms']:.3f} ({r['decode_floor_ms']:.3f}, "
                      f"{100 * r['decode_ratio']:.0f} %) | {r['decode_tok_s']:,.0f} | {r['peak_gib']:.1f} |")
@@ -258,8 +306,9 @@ def main():
             except ImportError:
                 print("transformers is not installed: no peer run")
                 continue
-            for context in args.contexts:
-                add(dict(model=name, **bench_transformers(hf, config, context, bandwidth, matmul_rate)))
+            for peer in (bench_transformers, bench_transformers_compiled):
+                for context in args.contexts:
+                    add(dict(model=name, **peer(hf, config, context, bandwidth, matmul_rate)))
             del hf
             torch.cuda.empty_cache()
     print(table(rows))
