@@ -10,7 +10,7 @@ with --all-kept-context every chunk is kept (top-k = the number of chunks), a ca
 may hold. Decode: the median ms per token of runs of 32 steps, a CUDA graph on rank 0 for one GPU
 and gather, eager in lockstep for sharded. Passkey: SmolLM2 on eval/passkey.py's documents,
 top-1 chunk, keys × depths per length, each placement's kept chunk and answer beside one GPU's.
-Writes PREFIX.json and prints both tables (rank 0).
+Writes PREFIX.json after every row ("complete": false until the end) and prints both tables (rank 0).
 """
 
 import argparse
@@ -109,7 +109,8 @@ def bench_row(model, prompt, config, placement):
     return dict(row, peak_gib=peaks)
 
 
-def bench(model, contexts, all_kept_context):
+def bench(model, contexts, all_kept_context, add):
+    """add(row) for each (context, placement)."""
     c = model.config
     runs = [(n, ParallelCompConfig()) for n in contexts]
     if all_kept_context:
@@ -119,13 +120,12 @@ def bench(model, contexts, all_kept_context):
     warm = random_prompt(c, 3 * c.max_position_embeddings)  # several chunks: cuDNN plans, cuBLAS handles
     for placement in PLACEMENTS:
         bench_row(model, warm, ParallelCompConfig(), placement)
-    rows = []
     for context, config in runs:
         prompt = random_prompt(c, context)
         for placement in PLACEMENTS:
-            rows.append(dict(context=context, **bench_row(model, prompt, config, placement)))
-            log(bench_table(rows[-1:]).splitlines()[-1])
-    return rows
+            row = dict(context=context, **bench_row(model, prompt, config, placement))
+            add(row)
+            log(bench_table([row]).splitlines()[-1])
 
 
 def random_prompt(c, context):
@@ -169,8 +169,9 @@ def answer(engine, prompt, config, placement):
         return distributed.decoded(prefilled, lambda: generate(prefilled))
 
 
-def passkey(engine, lengths, depths, keys):
-    config, rows = ParallelCompConfig(top_k_chunks=1), []  # top-1, as eval/passkey.py
+def passkey(engine, lengths, depths, keys, add):
+    """add(row) for each (length, depth, key)."""
+    config = ParallelCompConfig(top_k_chunks=1)  # top-1, as eval/passkey.py
     for n in lengths:
         for depth in depths:
             for key in passkey_keys(keys):
@@ -179,10 +180,9 @@ def passkey(engine, lengths, depths, keys):
                 for placement in PLACEMENTS:
                     text, kept = answer(engine, prompt, config, placement)
                     row[placement] = dict(answer=text, found=key in text, kept_chunks=kept)
-                rows.append(row)
+                add(row)
                 log(f"passkey {n} depth {depth} key {key}: " + ", ".join(
                     f"{p} {row[p]['kept_chunks']} {row[p]['answer']!r}" for p in PLACEMENTS))
-    return rows
 
 
 def passkey_table(rows):
@@ -220,7 +220,14 @@ def main():
     if distributed.world() == 1:
         p.error("start it with torchrun --nproc-per-node N (N >= 2): it compares one GPU with N")
     result = dict(processes=distributed.world(), device=torch.cuda.get_device_name(device) if device.type == "cuda"
-                  else "cpu", bench=[], passkey=[])
+                  else "cpu", complete=False, bench=[], passkey=[])
+
+    def save():
+        """Rank 0 rewrites PREFIX.json: a run stopped midway keeps its rows."""
+        if distributed.rank() == 0:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
+
     if any(args.contexts) or args.all_kept_context:
         if args.bench_model:
             model = load_model(args.bench_model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -229,14 +236,16 @@ def main():
             gen = torch.Generator(device).manual_seed(0)  # the same weights on every GPU
             for param in model.parameters():
                 param.normal_(0, 0.02, generator=gen)
-        result["bench"] = bench(model, [n for n in args.contexts if n], args.all_kept_context)
+        bench(model, [n for n in args.contexts if n], args.all_kept_context,
+              lambda row: (result["bench"].append(row), save()))
         del model
     if any(args.passkey_lengths):
         engine = Engine(args.passkey_model, args.device, log=log)
-        result["passkey"] = passkey(engine, [n for n in args.passkey_lengths if n], args.depths, args.keys)
+        passkey(engine, [n for n in args.passkey_lengths if n], args.depths, args.keys,
+                lambda row: (result["passkey"].append(row), save()))
+    result["complete"] = True
+    save()
     if distributed.rank() == 0:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
         print(f"{result['processes']} processes on {result['device']}")
         if result["bench"]:
             print(bench_table(result["bench"]))
