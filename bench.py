@@ -27,7 +27,7 @@ import torch
 
 from checkpoint import load_model
 from decoding import Decoder, SamplingParams
-from locret import RetainingHeads, ships_heads
+from locret import random_heads, ships_heads
 from methods import METHODS, add_options, parse_specs, prepared
 from model import ModelConfig, build_model
 from prefill import MemoryShortage, Prompt
@@ -101,20 +101,13 @@ def prefill_flops(c, stats):
         + 2 * stats["scored_tokens"] * c.vocab_size * c.dim
 
 
-def random_heads(c):
-    heads = RetainingHeads(c, LOCRET_HIDDEN)
-    for param in heads.parameters():
-        param.data.normal_(0, 0.02)
-    return heads
-
-
 def bench_engine(model, context, label, method, config, bandwidth, matmul_rate):
     c = model.config
     gen = torch.Generator().manual_seed(context)
     ids = torch.randint(0, c.vocab_size, (context,), generator=gen).tolist()
     prompt = Prompt([], ids[:-QUESTION_TOKENS], ids[-QUESTION_TOKENS:])
     if method == "locret" and config.retaining_heads is None and not ships_heads(c):
-        config = replace(config, retaining_heads=random_heads(c))
+        config = replace(config, retaining_heads=random_heads(c, LOCRET_HIDDEN))
     # a token a word for text options: speed depends on their length only
     config = prepared(config, model, lambda text: [sum(map(ord, w)) % c.vocab_size for w in text.split()])
     prefill = METHODS[method].prefill

@@ -25,6 +25,7 @@ Deviations from the original code, all deliberate:
 - the SmolLM2-135M heads are ours, 256 wide (Locret's Llama-3.1-8B heads are 1024 wide).
 """
 
+import copy
 import pickle
 import re
 from dataclasses import dataclass, replace
@@ -42,6 +43,7 @@ from prefill import OptionError, Prefilled, extend, option
 
 LOCAL_TOKENS = 100  # the uncompressed tail at least (Locret's local_len)
 SMOOTHNESS = 0.0025  # weight of the smoothness term in the training loss
+INIT_STD = 0.02  # fresh heads' weights
 DEFAULT_HEADS = Path(__file__).parent / "weights" / "locret_smollm2.safetensors"
 SMOLLM2_135M = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64)
 NO_HEADS = "{} is required: no retaining heads are shipped for this model"
@@ -73,6 +75,14 @@ class RetainingHeads(nn.ModuleList):
         c = model_config
         width = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
         super().__init__(RetainingHead(width, hidden, c.n_kv_heads) for _ in range(c.n_layers))
+
+
+def random_heads(model_config, hidden):
+    """Fresh heads, N(0, INIT_STD) as Hugging Face initialises Locret's new fc1/fc2, float32 on the CPU."""
+    heads = RetainingHeads(model_config, hidden)
+    for weight in heads.parameters():
+        nn.init.normal_(weight, std=INIT_STD)
+    return heads
 
 
 def head_key(layer, fc):
@@ -194,7 +204,10 @@ def with_heads(config, model):
         if heads is None and not DEFAULT_HEADS.exists():
             raise CheckpointError(f"{DEFAULT_HEADS} not found: train it with tools/train_locret.py")
         heads = load_heads(heads or DEFAULT_HEADS, model.config)
-    return replace(config, retaining_heads=heads.to(model.device, model.dtype))
+    weight = heads[0].fc1.weight
+    if (weight.device, weight.dtype) != (model.device, model.dtype):
+        heads = copy.deepcopy(heads).to(model.device, model.dtype)  # Module.to would convert the caller's heads
+    return replace(config, retaining_heads=heads)
 
 
 # ---------------------------------------------------------------------------- prefill

@@ -386,12 +386,15 @@ class Llama(nn.Module):
         c = self.config
         return 2 * c.n_layers * c.n_kv_heads * c.head_dim * self.embed.weight.element_size()
 
-    def prefill_bytes_per_token(self):
-        """Memory a prefilled token takes: its K/V in every layer, plus one layer's activations
-        (RoPE in float32) while it is encoded."""
+    def activation_bytes_per_token(self):
+        """Memory a token's activations take in one layer while it is encoded (RoPE in float32)."""
         c, b = self.config, self.embed.weight.element_size()
         qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
-        return self.kv_bytes_per_token() + b * (6 * c.dim + 3 * qkv + 4 * c.ffn_dim) + 8 * qkv
+        return b * (6 * c.dim + 3 * qkv + 4 * c.ffn_dim) + 8 * qkv
+
+    def prefill_bytes_per_token(self):
+        """Memory a prefilled token takes: its K/V in every layer, plus its activations while encoded."""
+        return self.kv_bytes_per_token() + self.activation_bytes_per_token()
 
     def logits(self, hidden):
         """(..., dim) -> float32 (..., vocab): call it only where a token is sampled or scored."""

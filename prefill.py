@@ -92,7 +92,7 @@ def causal_prefill(model, ids, answer_budget):
     answer: (cache, logits (vocab,) at the last token). Raises MemoryShortage at once when the
     cache and one piece's activations would not fit, rather than minutes into the prefill."""
     tokens, piece = len(ids) + answer_budget, min(len(ids), prefill_piece(model.device))
-    need = model.kv_bytes_per_token() * tokens + (model.prefill_bytes_per_token() - model.kv_bytes_per_token()) * piece
+    need = model.kv_bytes_per_token() * tokens + model.activation_bytes_per_token() * piece
     free = free_memory(model.device)
     if need > free:
         raise MemoryShortage(f"a cache of {tokens:,} tokens and their prefill need {need / 2**30:.1f} GiB, "

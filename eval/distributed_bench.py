@@ -14,6 +14,7 @@ Writes PREFIX.json after every row ("complete": false until the end) and prints 
 """
 
 import argparse
+import functools
 import gc
 import json
 import sys
@@ -222,6 +223,10 @@ def main():
     result = dict(processes=distributed.world(), device=torch.cuda.get_device_name(device) if device.type == "cuda"
                   else "cpu", complete=False, bench=[], passkey=[])
 
+    def add(part, row):
+        result[part].append(row)
+        save()
+
     def save():
         """Rank 0 rewrites PREFIX.json: a run stopped midway keeps its rows."""
         if distributed.rank() == 0:
@@ -236,13 +241,12 @@ def main():
             gen = torch.Generator(device).manual_seed(0)  # the same weights on every GPU
             for param in model.parameters():
                 param.normal_(0, 0.02, generator=gen)
-        bench(model, [n for n in args.contexts if n], args.all_kept_context,
-              lambda row: (result["bench"].append(row), save()))
+        bench(model, [n for n in args.contexts if n], args.all_kept_context, functools.partial(add, "bench"))
         del model
     if any(args.passkey_lengths):
         engine = Engine(args.passkey_model, args.device, log=log)
-        passkey(engine, [n for n in args.passkey_lengths if n], args.depths, args.keys,
-                lambda row: (result["passkey"].append(row), save()))
+        lengths = [n for n in args.passkey_lengths if n]
+        passkey(engine, lengths, args.depths, args.keys, functools.partial(add, "passkey"))
     result["complete"] = True
     save()
     if distributed.rank() == 0:

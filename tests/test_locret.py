@@ -23,6 +23,7 @@ import locret
 from checkpoint import CheckpointError
 from conftest import BOOKS, REPO, STORIES, Stories
 from locret import LocretConfig, RetainedCache, RetainingHeads, load_heads, save_heads
+from model import build_model
 from prefill import OptionError, Prompt, causal_prefill
 from reference import ref_forward, ref_rotations, rel_err
 
@@ -335,3 +336,14 @@ def test_training_script_smoke_run_writes_loadable_heads(s, tmp_path):
     assert "held-out, after 2 steps:  top-10% overlap" in run.stdout
     heads = load_heads(out, s.config)
     assert heads[0].fc1.weight.shape == (12, 128) and heads[0].fc1.weight.abs().sum() > 0
+
+
+def test_with_heads_converts_a_copy_and_leaves_the_callers_heads():
+    model = build_model(Stories().model.config, "cpu", torch.bfloat16)
+    heads = RetainingHeads(model.config, 16)
+    before = heads[0].fc1.weight.clone()
+    converted = locret.with_heads(LocretConfig(retaining_heads=heads), model).retaining_heads
+    assert converted[0].fc1.weight.dtype == torch.bfloat16
+    assert heads[0].fc1.weight.dtype == torch.float32 and torch.equal(heads[0].fc1.weight, before)
+    same = locret.with_heads(LocretConfig(retaining_heads=converted), model).retaining_heads
+    assert same is converted  # already on the model's device and dtype: no copy

@@ -41,7 +41,6 @@ to what fits.
 """
 
 import argparse
-import copy
 import functools
 import random
 import sys
@@ -56,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from budget import StepBudget  # noqa: E402  (tools/, the script's own folder)
 from checkpoint import load_model  # noqa: E402
 from decoding import SamplingParams, decode  # noqa: E402
-from locret import (LOCAL_TOKENS, LocretConfig, RetainingHeads, prefill, retain, retention_loss,  # noqa: E402
+from locret import (LOCAL_TOKENS, LocretConfig, prefill, random_heads, retain, retention_loss,  # noqa: E402
                     save_heads, scores_and_labels, tail_length, with_heads)
 from prefill import Prompt  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -64,7 +63,7 @@ from tokenizer import Tokenizer  # noqa: E402
 BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
 TRAIN_BOOKS = ("pride_and_prejudice.txt", "frankenstein.txt")
 HELD_OUT_BOOK, HELD_OUT_CHARS = "war_and_peace.txt", 600_000
-BETAS, CLIP, INIT_STD = (0.9, 0.95), 0.5, 0.02
+BETAS, CLIP = (0.9, 0.95), 0.5
 WARMUP_SHARE = 2000 / 3000  # Locret: get_linear_schedule_with_warmup(2000, 3000)
 TIMED_FROM, PLAN_AT = 5, 25  # steps timed to plan the rest (the first ones warm the GPU up)
 CONTINUATION, CUE, QUOTE = 128, 24, 64  # answer and cue lengths in tokens
@@ -218,8 +217,7 @@ def recall(model, heads, probes, decode, config=LocretConfig()):
     """(held, answered) over recall probes: the share of (layer, KV head) caches that hold every
     token of the value after Locret's prefill with `heads`, and the share of greedy answers that
     contain the value."""
-    # A copy: with_heads casts the heads to the model's dtype in place, the trained ones stay float32.
-    config = with_heads(replace(config, retaining_heads=copy.deepcopy(heads)), model)
+    config = with_heads(replace(config, retaining_heads=heads), model)
     held = answered = 0.0
     for prompt, value, span in probes:
         held += held_tokens(model, prompt, config)[..., span].all(dim=-1).float().mean().item()
@@ -303,9 +301,7 @@ def main(argv=None):
             f"of {2 * window} tokens)")
         return overlap, held, answered
 
-    heads = RetainingHeads(model.config, args.hidden).to(device)
-    for weight in heads.parameters():
-        nn.init.normal_(weight, std=INIT_STD)
+    heads = random_heads(model.config, args.hidden).to(device)
     n_params = sum(w.numel() for w in heads.parameters())
     log(f"{n_params / 1e6:.2f} M head parameters ({2 * n_params / 2 ** 20:.1f} MiB in bf16); "
         f"training books {sum(map(len, books))} tokens")
