@@ -7,7 +7,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
+import model
 from conftest import REPO
 from engine import Engine
 from hybrid import HybridConfig
@@ -75,3 +78,22 @@ def test_graph_decode_equals_eager_decode(engine, method):
         eager = engine.generate(document, QUESTION, cuda_graph=False, **kwargs, **sampling)
         assert graph.tokens == eager.tokens, sampling
         assert len(graph.tokens) > 1
+
+
+@pytest.mark.parametrize("kernel, H, H_kv, D, before", [
+    ("cudnn", 32, 8, 128, 3000), ("cudnn", 9, 3, 64, 5000),
+    ("flash-attn-4", 32, 8, 128, 0), ("flash-attn-4", 32, 8, 128, 3000), ("flash-attn-4", 9, 3, 64, 5000)])
+def test_prefill_attention_kernels_equal_sdpa(kernel, H, H_kv, D, before):
+    """The fast prefill paths (two cuDNN calls merged by log-sum-exp after a cache; flash-attn-4,
+    which model.attention takes when it is installed) against SDPA's bottom-right causal mask in
+    float32, on 1,000 bf16 queries."""
+    if kernel == "flash-attn-4" and model.flash_attn_func is None:
+        pytest.skip("flash-attn-4 is not installed")
+    gen = torch.Generator("cuda").manual_seed(before)
+    q = torch.randn(1, H, 1000, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, H_kv, before + 1000, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+            for _ in range(2))
+    mask = causal_lower_right(1000, before + 1000)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    fast = model.causal_after_cache if kernel == "cudnn" else model.attention
+    assert (fast(q, k, v).float() - expected).abs().max() <= 1e-2

@@ -21,7 +21,7 @@ import torch
 
 from checkpoint import load_model
 from conftest import REPO, STORIES, hf_config, random_tensors, write_checkpoint
-from model import KVCache
+from model import KVCache, attention
 from reference import load_float64, ref_forward, ref_head_dim, ref_inv_freq, ref_rope_type, rel_err
 
 REL_TOL = 1e-5
@@ -184,6 +184,21 @@ def test_prefill_blocks_then_decode_matches_full_forward(case):
     assert mixed.shape == full.shape
     assert rel_err(mixed, full) <= REL_TOL
     assert rel_err(mixed, case.ref(tokens)) <= REL_TOL
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("H, H_kv, D, T, before", [(4, 2, 16, 5, 7), (9, 3, 64, 33, 100), (2, 2, 8, 1, 3)])
+def test_attention_after_a_cache(dtype, tol, H, H_kv, D, T, before):
+    """Bottom-right causal attention (query i sees keys up to before + i), GQA, against float64
+    softmax attention with every query head given its KV head's keys."""
+    gen = torch.Generator().manual_seed(T)
+    q = torch.randn(2, H, T, D, generator=gen).to(dtype)
+    k, v = (torch.randn(2, H_kv, before + T, D, generator=gen).to(dtype) for _ in range(2))
+    k64, v64 = (x.double().repeat_interleave(H // H_kv, 1) for x in (k, v))
+    scores = q.double() @ k64.transpose(-1, -2) / math.sqrt(D)
+    hidden = torch.arange(before + T)[None] > torch.arange(T)[:, None] + before
+    expected = scores.masked_fill(hidden, float("-inf")).softmax(-1) @ v64
+    assert (attention(q, k, v).double() - expected).abs().max() <= tol
 
 
 def test_explicit_positions_100_to_109(case):
