@@ -5,7 +5,7 @@ costs ~2-3 µs however little it does, and a Llama layer written with PyTorch op
 These kernels bring a decode layer to 10 launches: the four projections as GEMVs, residual add +
 RMSNorm (twice), rotary q/k, split-KV attention that also stores the new K/V, its merge, SiLU·up.
 model.py uses them for CUDA tensors when Triton imports and falls back to its own PyTorch code
-otherwise; tests/test_kernels.py checks each against that code on a GPU. The module's name is one
+otherwise; tests/test_llama_triton.py checks each against that code on a GPU. The module's name is one
 no PyPI package uses, and model.py checks KERNELS_FOR before it trusts a module of that name.
 """
 
@@ -207,8 +207,11 @@ def decode_attend(q, k, v, k_cache, v_cache, length):
     B, H, _, D = q.shape
     Hkv, capacity = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
-    n_parts = min(64, triton.next_power_of_2(triton.cdiv(2 * sm_count(q.device), B * Hkv)))
-    block_n = 64
+    # [H200] a sweep of the launch (blocks of 32-128 keys, 16-128 parts, 2-8 warps, 1-3 stages) at
+    # 8K and 128K keys: 8B's D = 128 fastest in blocks of 32 keys, SmolLM2's D = 64 in blocks of 64
+    # with 128 parts; 16 keys a warp and 3 stages served both lengths.
+    n_parts = min(128, triton.next_power_of_2(triton.cdiv(2 * sm_count(q.device), B * Hkv)))
+    block_n = 32 if D >= 128 else 64
     split = triton.cdiv(triton.cdiv(capacity, n_parts), block_n) * block_n
     acc = torch.empty(B * H * n_parts, D, device=q.device, dtype=torch.float32)
     m = torch.empty(B * H * n_parts, device=q.device, dtype=torch.float32)
@@ -217,7 +220,8 @@ def decode_attend(q, k, v, k_cache, v_cache, length):
                                                 v.stride(0), v.stride(1), Hkv, k_cache, v_cache, length, capacity,
                                                 split, acc, m, l, D ** -0.5, G=G,
                                                 G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
-                                                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                                                PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                                                num_warps=block_n // 16, num_stages=3)
     out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
     _decode_attention_merge[(B * H,)](acc, m, l, out, length, N_PARTS=n_parts, D=D)
     return out

@@ -83,6 +83,30 @@ def test_decode_attend(dtype, H, Hkv, D, capacity, live):
     assert rel_err(out, model.decode_attention(q, k_cache, v_cache, live)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("B, H, Hkv, D", [(1, 9, 3, 64), (2, 32, 8, 128)])
+def test_decode_attend_replays(B, H, Hkv, D):
+    """One captured launch serves consecutive tokens: each replay stores its token at the current
+    length, attends over it and advances the length by one."""
+    capacity, start = 2048, 1000
+    q, k, v = (torch.randn(B, heads, 1, D, device="cuda") for heads in (H, Hkv, Hkv))
+    k_cache = torch.randn(B, Hkv, capacity, D, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    length = torch.tensor(start, device="cuda")
+    kernels.decode_attend(q, k, v, k_cache, v_cache, length)  # compiles and allocates before the capture
+    length.fill_(start)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels.decode_attend(q, k, v, k_cache, v_cache, length)
+    for n in range(start, start + 3):
+        for t in (q, k, v):
+            t.normal_()
+        graph.replay()
+        assert length.item() == n + 1
+        assert torch.equal(k_cache[:, :, n], k[:, :, 0]) and torch.equal(v_cache[:, :, n], v[:, :, 0])
+        live = torch.arange(capacity, device="cuda") <= n
+        assert rel_err(out, model.decode_attention(q, k_cache, v_cache, live)) <= TOL[torch.float32]
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def gpu_case(request, tmp_path_factory):
     case = Case(request.param, tmp_path_factory)
