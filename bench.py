@@ -201,6 +201,7 @@ def bench_transformers_compiled(model, c, context, bandwidth, matmul_rate):
     from transformers import StaticCache
     ids = torch.randint(0, c.vocab_size, (1, context), device="cuda")
     row = dict(engine="transformers+compile", method="full", context=context)
+    torch._dynamo.reset()  # a static graph per context: after a failed guard dynamo would go dynamic
     step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     try:
         with torch.inference_mode():
