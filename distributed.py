@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import parallelcomp
-from model import CACHE_ALIGN, attention_lse, scores_f32
+from model import CACHE_ALIGN, attention_lse, merge_lse, scores_f32
 from parallelcomp import ChunkCache, has_bos_head, stored_tokens
 from prefill import OptionError, Prefilled
 
@@ -249,12 +249,6 @@ def shard(model, prompt, spans, kept, config, answer_budget):
 
 
 # ---------------------------------------------------------------------------- the sharded cache
-
-def merge_lse(outs, lses):
-    """Attention over the union of disjoint key sets from each set's (out, lse) (model.attention_lse):
-    outs (W, ..., D), lses (W, ...) -> (..., D)."""
-    return ((lses - lses.logsumexp(0)).exp()[..., None] * outs).sum(0)
-
 
 class ShardedCache:
     """This rank's share of the cache one process would assemble (parallelcomp.assemble_cache),

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 import distributed
 from decoding import SamplingParams, decode
 from parallelcomp import Calibration, ChunkEncoder, ParallelCompConfig, chunk_spans
-from model import attention_lse
+from model import attention_lse, merge_lse
 from prefill import Prompt
 from reference import load_float64, ref_forward, rel_err
 
@@ -195,7 +195,7 @@ def test_partial_attentions_merge_to_one_softmax(monkeypatch):
     visible[..., 0] = True  # every row sees a key
     parts = [attention_lse(q, k[:, :, a:b], v[:, :, a:b], visible[..., a:b]) for a, b in ((0, 12), (12, 12), (12, 30))]
     assert torch.equal(parts[1][1], torch.full((1, 8, 5), float("-inf"))) and not parts[1][0].any()
-    out = distributed.merge_lse(torch.stack([o for o, _ in parts]), torch.stack([lse for _, lse in parts]))
+    out = merge_lse(torch.stack([o for o, _ in parts]), torch.stack([lse for _, lse in parts]))
     for h in range(8):
         for i in range(5):
             seen = visible[0, h // 4, i]
