@@ -2,8 +2,10 @@
 
 Decoding one token is launch-bound (engine_notes.md §2.11): inside a CUDA graph every kernel
 costs ~2-3 µs however little it does, and a Llama layer written with PyTorch ops launches ~50.
-These kernels bring a decode layer to 10 launches: the four projections as GEMVs, residual add +
-RMSNorm (twice), rotary q/k, split-KV attention that also stores the new K/V, its merge, SiLU·up.
+These kernels bring a decode layer to 6 launches: GEMVs that carry the work around them (RMSNorm
+and RoPE in the q/k/v projection, RMSNorm and SiLU·up in gate/up, the residual adds in the o and
+down projections) and split-KV attention that also stores the new K/V, with its merge. Prefill
+uses the others (RMSNorm with the residual add, rotary, SiLU·up) around cuBLAS's GEMMs.
 model.py uses them for CUDA tensors when Triton imports and falls back to its own PyTorch code
 otherwise; tests/test_llama_triton.py checks each against that code on a GPU. The module's name is one
 no PyPI package uses, and model.py checks KERNELS_FOR before it trusts a module of that name.
@@ -16,6 +18,7 @@ import triton
 import triton.language as tl
 
 KERNELS_FOR = "model.py"
+SHORT_K = 2048  # a one-token GEMV over at most this many inputs reads each weight row in one step
 
 
 def supports(head_dim):
@@ -99,33 +102,106 @@ def silu_mul(gate_up):
 
 
 @triton.jit
-def _gemv(x_ptr, w_ptr, b_ptr, out_ptr, K, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program n: out[n] = w[n] · x (+ b[n]), accumulated in float32."""
-    n = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_K], tl.float32)
-    for k in range(0, K, BLOCK_K):
-        mask = k + cols < K
-        w = tl.load(w_ptr + n * K + k + cols, mask=mask, other=0.0)
-        acc += w.to(tl.float32) * tl.load(x_ptr + k + cols, mask=mask, other=0.0).to(tl.float32)
-    out = tl.sum(acc, axis=0)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + n).to(tl.float32)
-    tl.store(out_ptr + n, out.to(out_ptr.dtype.element_ty))
+def _gemv(x_ptr, w_ptr, b_ptr, norm_ptr, cos_ptr, sin_ptr, out_ptr, n_out, K, eps, rotated_rows,
+          HALF: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program p: outputs [p·BLOCK_N, (p+1)·BLOCK_N) of one row x (K,) times w (N, K)ᵀ, in float32.
 
-
-def gemv(x, weight, bias=None):
-    """x (..., K) holding one row, contiguous; weight (N, K) contiguous -> x @ weightᵀ + bias (..., N).
-
-    One program per output row. At batch 1 it beats cuBLAS on every projection measured ([H100] in
-    CUDA graphs: SmolLM2's 576×1536 down projection 2.9 µs against 5.1 µs, Llama-3-8B's 4096×4096
-    13.5 against 16.5 µs and its 28672×4096 gate/up 78 against 87 µs, 3.0 TB/s).
+    NORM: x is the float32 residual stream and the product is that of its RMSNorm, whose weight
+    scales x and whose 1/rms scales the sums (the same value as the norm's, without rounding it
+    to the weights' dtype first). Epilogues: "residual" adds the outputs to out in place; "rotary"
+    and "silu" pair output i with i + HALF, each program computing both rows: "rotary" rotates the
+    pairs of rows below rotated_rows by cos/sin (HALF = D/2, outputs in heads of D), "silu" stores
+    silu(row i) · row i + HALF (HALF = the FFN size).
     """
-    N, K = weight.shape
-    out = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
-    _gemv[(N,)](x, weight, weight if bias is None else bias, out, K, HAS_BIAS=bias is not None, BLOCK_K=512,
-                num_warps=4)
+    i = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    live = i < n_out
+    PAIRED: tl.constexpr = EPILOGUE == "rotary" or EPILOGUE == "silu"
+    if PAIRED:
+        row = i // HALF * 2 * HALF + i % HALF
+    else:
+        row = i
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # rows + HALF, when paired
+    squares = tl.zeros([BLOCK_K], tl.float32)
+    for k in range(0, K, BLOCK_K):
+        in_k = k + cols < K
+        x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
+        if NORM:
+            squares += x * x
+            x *= tl.load(norm_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
+        mask = live[:, None] & in_k[None, :]
+        w = tl.load(w_ptr + row[:, None] * K + k + cols[None, :], mask=mask, other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+        if PAIRED:
+            w2 = tl.load(w_ptr + (row + HALF)[:, None] * K + k + cols[None, :], mask=mask, other=0.0)
+            acc2 += w2.to(tl.float32) * x[None, :]
+    y, y2 = tl.sum(acc, axis=1), tl.sum(acc2, axis=1)
+    if NORM:
+        scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        y, y2 = y * scale, y2 * scale
+    if HAS_BIAS:
+        y += tl.load(b_ptr + row, mask=live, other=0.0).to(tl.float32)
+        if PAIRED:
+            y2 += tl.load(b_ptr + row + HALF, mask=live, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    if EPILOGUE == "residual":
+        tl.store(out_ptr + row, tl.load(out_ptr + row, mask=live) + y, mask=live)
+    elif EPILOGUE == "rotary":
+        rotate = live & (row < rotated_rows)
+        c = tl.load(cos_ptr + i % HALF, mask=rotate, other=1.0)
+        s = tl.load(sin_ptr + i % HALF, mask=rotate, other=0.0)
+        tl.store(out_ptr + row, (y * c - y2 * s).to(dtype), mask=live)
+        tl.store(out_ptr + row + HALF, (y2 * c + y * s).to(dtype), mask=live)
+    else:
+        tl.store(out_ptr + i, (y * tl.sigmoid(y) * y2).to(dtype), mask=live)
+
+
+def gemv_launch(epilogue, K):
+    """(outputs a program, keys a step, warps) of a one-token GEMV over K inputs.
+
+    [H200] From a sweep that read each launch's weights from memory, as a decode step does
+    (results/gemv_sweep_h200.json; a sweep on weights left in L2 chose settings slower in the step):
+    SmolLM2's K of 576 and 1536 in one step, the 8B shape's 4096 and 14336 in short ones.
+    """
+    if K <= SHORT_K:
+        k = triton.next_power_of_2(K)
+        return {"rotary": (1, k, 4), "silu": (2, k, 2), "residual": (2, k, max(2, k // 256))}[epilogue]
+    return {"rotary": (1, 256, 2), "silu": (1, 512, 2), "residual": (4, 1024, 2)}[epilogue]
+
+
+def _launch_gemv(x, weight, bias, out, n_out, epilogue, norm=None, eps=0.0, cos=None, sin=None, rotated_rows=0,
+                 half=1):
+    block_n, block_k, warps = gemv_launch(epilogue, weight.shape[1])
+    _gemv[(triton.cdiv(n_out, block_n),)](
+        x, weight, weight if bias is None else bias, weight if norm is None else norm, x if cos is None else cos,
+        x if sin is None else sin, out, n_out, weight.shape[1], eps, rotated_rows, HALF=half, NORM=norm is not None,
+        HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out
+
+
+def norm_rotary_gemv(x, norm, eps, weight, bias, cos, sin, rotated_heads, head_dim):
+    """The q/k/v projection of one token: RMSNorm of x (1, 1, K) float32 by `norm`, times weight
+    (N, K)ᵀ (+ bias), and RoPE by cos/sin (D/2 float32 each) on the first rotated_heads heads of D
+    (q and k; v follows unrotated). -> (1, 1, N) in the weights' dtype."""
+    N = weight.shape[0]
+    out = torch.empty(1, 1, N, device=x.device, dtype=weight.dtype)
+    return _launch_gemv(x, weight, bias, out, N // 2, "rotary", norm, eps, cos, sin, rotated_heads * head_dim,
+                        head_dim // 2)
+
+
+def norm_silu_gemv(x, norm, eps, weight):
+    """The MLP's first half for one token: silu(gate) · up of RMSNorm(x) times weight = [gate; up]
+    (2F, K)ᵀ; x (1, 1, K) float32 -> (1, 1, F) in the weights' dtype."""
+    F = weight.shape[0] // 2
+    out = torch.empty(1, 1, F, device=x.device, dtype=weight.dtype)
+    return _launch_gemv(x, weight, None, out, F, "silu", norm, eps, half=F)
+
+
+def residual_gemv(x, weight, bias, residual):
+    """residual += x @ weightᵀ (+ bias) for one token: x (K,) contiguous, residual (N,) float32."""
+    _launch_gemv(x, weight, bias, residual, weight.shape[0], "residual")
 
 
 @triton.jit

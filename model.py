@@ -98,12 +98,11 @@ def gpu_kernels(x, head_dim=16, params=()):
     return kernels is not None and x.is_cuda and kernels.supports(head_dim) and not recorded
 
 
-def linear(x, layer):
-    """layer(x); one token on a GPU goes through the Triton GEMV, which beats cuBLAS at batch 1."""
-    if (gpu_kernels(x, params=(layer.weight, layer.bias)) and x.numel() == x.shape[-1] and x.is_contiguous()
-            and layer.weight.is_contiguous()):
-        return kernels.gemv(x, layer.weight, layer.bias)
-    return layer(x)
+def fused_decode(x, observe, head_dim):
+    """Whether a forward of x (B, T, dim) runs as model.py's six-kernel decode layers: one token on
+    a GPU, autograd off, and no `observe` (it sees q/k/v before RoPE, which these kernels fuse)."""
+    return observe is None and x.shape[0] * x.shape[1] == 1 and not torch.is_grad_enabled() and \
+        gpu_kernels(x, head_dim)
 
 
 def apply_rope(x, cos, sin):
@@ -335,7 +334,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attend, observe):
         B, T, _ = x.shape
-        qkv = linear(x, self.wqkv)
+        qkv = self.wqkv(x)
         if observe is not None:
             observe(qkv)
         q, k, v = qkv.split(self.split, dim=-1)
@@ -346,7 +345,7 @@ class Attention(nn.Module):
             q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, H, T, D)
             k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         o = attend(q, k, v)
-        return linear(o.transpose(1, 2).reshape(B, T, -1), self.wo)
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -356,9 +355,9 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
 
     def forward(self, x):
-        gate_up = linear(x, self.w_gate_up)
+        gate_up = self.w_gate_up(x)
         if gpu_kernels(gate_up):
-            return linear(kernels.silu_mul(gate_up), self.w_down)
+            return self.w_down(kernels.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.w_down(F.silu(gate) * up)
 
@@ -377,6 +376,17 @@ class Block(nn.Module):
         h = self.attn_norm(x, delta)
         h = self.mlp_norm(x, self.attn(h, cos, sin, attend, observe))
         return self.mlp(h)
+
+    def decode_step(self, x, cos, sin, attend):
+        """One token on a GPU (see fused_decode) in six kernels; x (1, 1, dim) gains both sublayers in place."""
+        a, mlp, D = self.attn, self.mlp, self.attn.head_dim
+        qkv = kernels.norm_rotary_gemv(x, self.attn_norm.weight, self.attn_norm.eps, a.wqkv.weight, a.wqkv.bias,
+                                       cos.view(-1), sin.view(-1), a.n_heads + a.n_kv_heads, D)
+        q, k, v = (t.view(1, 1, -1, D).transpose(1, 2) for t in qkv.split(a.split, dim=-1))  # (1, heads, 1, D)
+        o = attend(q, k, v)
+        kernels.residual_gemv(o.contiguous().view(-1), a.wo.weight, a.wo.bias, x.view(-1))
+        h = kernels.norm_silu_gemv(x, self.mlp_norm.weight, self.mlp_norm.eps, mlp.w_gate_up.weight)
+        kernels.residual_gemv(h.view(-1), mlp.w_down.weight, None, x.view(-1))
 
 
 class Llama(nn.Module):
@@ -402,6 +412,10 @@ class Llama(nn.Module):
         angles = positions[:, None, :, None].double() * inv_freq  # (B, 1, T, D/2)
         cos, sin = angles.cos().float(), angles.sin().float()
         x = self.embed(tokens).float()  # the residual stream stays in float32 whatever the weights' dtype
+        if fused_decode(x, observe, self.config.head_dim):
+            for i, layer in enumerate(self.layers):
+                layer.decode_step(x, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v))
+            return self.norm(x)
         delta = None
         for i, layer in enumerate(self.layers):
             delta = layer(x, delta, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v),

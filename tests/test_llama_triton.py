@@ -45,13 +45,55 @@ def test_rotary(dtype, B, T, H, Hkv, D):
     assert rel_err(q, q_ref) <= TOL[dtype] and rel_err(k, k_ref) <= TOL[dtype]
 
 
+def rms_normed64(x, weight, eps=1e-5):
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N, K, bias", [(960, 576, False), (576, 1536, True), (77, 1000, False), (3, 4096, True)])
-def test_gemv(dtype, N, K, bias):
-    """One row through the GEMV, K not always a multiple of its block, with and without bias."""
-    layer = torch.nn.Linear(K, N, bias=bias, device="cuda", dtype=dtype)
-    x = torch.randn(1, 1, K, device="cuda", dtype=dtype)
-    assert rel_err(kernels.gemv(x, layer.weight, layer.bias), layer(x)) <= TOL[dtype]
+@pytest.mark.parametrize("H, Hkv, D, dim, bias", [(32, 8, 128, 4096, False), (9, 3, 64, 576, True),
+                                                  (4, 2, 16, 1000, True)])
+def test_norm_rotary_gemv(dtype, H, Hkv, D, dim, bias):
+    """One token's q/k/v: RMSNorm, projection (+ bias) and RoPE of the q and k heads, against float64."""
+    N = (H + 2 * Hkv) * D
+    x = torch.randn(1, 1, dim, device="cuda") * 3
+    norm = torch.empty(dim, device="cuda", dtype=dtype).normal_(1, 0.2)
+    weight = (torch.randn(N, dim, device="cuda") / dim ** 0.5).to(dtype)
+    b = torch.randn(N, device="cuda", dtype=dtype) if bias else None
+    angles = torch.rand(D // 2, device="cuda", dtype=torch.float64) * 1000
+    cos, sin = angles.cos().float(), angles.sin().float()
+    y = (rms_normed64(x, norm) @ weight.double().t()).view(-1, D)
+    if bias:
+        y += b.double().view(-1, D)
+    rotated = model.apply_rope(y[:H + Hkv], cos.double(), sin.double())
+    expected = torch.cat([rotated, y[H + Hkv:]]).view(1, 1, N)
+    out = kernels.norm_rotary_gemv(x, norm, 1e-5, weight, b, cos, sin, H + Hkv, D)
+    assert out.dtype == dtype and rel_err(out, expected) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim, ffn", [(4096, 14336), (576, 1536), (100, 77)])
+def test_norm_silu_gemv(dtype, dim, ffn):
+    """The MLP's first half for one token, silu(gate) · up of the normed row, against float64."""
+    x = torch.randn(1, 1, dim, device="cuda") * 3
+    norm = torch.empty(dim, device="cuda", dtype=dtype).normal_(1, 0.2)
+    weight = (torch.randn(2 * ffn, dim, device="cuda") / dim ** 0.5).to(dtype)
+    gate, up = (rms_normed64(x, norm) @ weight.double().t()).chunk(2, dim=-1)
+    out = kernels.norm_silu_gemv(x, norm, 1e-5, weight)
+    assert out.dtype == dtype and rel_err(out, F.silu(gate) * up) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N, K, bias", [(4096, 14336, False), (576, 576, True), (77, 1000, True)])
+def test_residual_gemv(dtype, N, K, bias):
+    """residual += x Wᵀ + b in place, the residual stream in float32, K not always a multiple of the block."""
+    x = torch.randn(K, device="cuda", dtype=dtype)
+    weight = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)
+    b = torch.randn(N, device="cuda", dtype=dtype) if bias else None
+    residual = torch.randn(N, device="cuda")
+    expected = residual.double() + x.double() @ weight.double().t() + (b.double() if bias else 0)
+    kernels.residual_gemv(x, weight, b, residual)
+    assert rel_err(residual, expected) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
