@@ -102,15 +102,14 @@ def silu_mul(gate_up):
 
 
 @triton.jit
-def _gemv(x_ptr, w_ptr, b_ptr, norm_ptr, cos_ptr, sin_ptr, res_ptr, out_ptr, n_out, K, eps, rotated_rows,
+def _gemv(x_ptr, w_ptr, b_ptr, norm_ptr, cos_ptr, sin_ptr, out_ptr, n_out, K, eps, rotated_rows,
           HALF: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program p: outputs [p·BLOCK_N, (p+1)·BLOCK_N) of one row x (K,) times w (N, K)ᵀ, in float32.
 
     NORM: x is the float32 residual stream and the product is that of its RMSNorm, whose weight
     scales x and whose 1/rms scales the sums (the same value as the norm's, without rounding it
-    to the weights' dtype first). Epilogues: "residual" stores res + the outputs (out is another
-    buffer: a sum written over its own input races between the threads that hold it); "rotary"
+    to the weights' dtype first). Epilogues: "residual" adds the outputs to out in place; "rotary"
     and "silu" pair output i with i + HALF, each program computing both rows: "rotary" rotates the
     pairs of rows below rotated_rows by cos/sin (HALF = D/2, outputs in heads of D), "silu" stores
     silu(row i) · row i + HALF (HALF = the FFN size).
@@ -148,7 +147,7 @@ def _gemv(x_ptr, w_ptr, b_ptr, norm_ptr, cos_ptr, sin_ptr, res_ptr, out_ptr, n_o
             y2 += tl.load(b_ptr + row + HALF, mask=live, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
     if EPILOGUE == "residual":
-        tl.store(out_ptr + row, tl.load(res_ptr + row, mask=live) + y, mask=live)
+        tl.store(out_ptr + row, tl.load(out_ptr + row, mask=live) + y, mask=live)
     elif EPILOGUE == "rotary":
         rotate = live & (row < rotated_rows)
         c = tl.load(cos_ptr + i % HALF, mask=rotate, other=1.0)
@@ -173,11 +172,11 @@ def gemv_launch(epilogue, K):
 
 
 def _launch_gemv(x, weight, bias, out, n_out, epilogue, norm=None, eps=0.0, cos=None, sin=None, rotated_rows=0,
-                 half=1, residual=None):
+                 half=1):
     block_n, block_k, warps = gemv_launch(epilogue, weight.shape[1])
     _gemv[(triton.cdiv(n_out, block_n),)](
         x, weight, weight if bias is None else bias, weight if norm is None else norm, x if cos is None else cos,
-        x if sin is None else sin, out if residual is None else residual, out, n_out, weight.shape[1], eps, rotated_rows, HALF=half, NORM=norm is not None,
+        x if sin is None else sin, out, n_out, weight.shape[1], eps, rotated_rows, HALF=half, NORM=norm is not None,
         HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out
 
@@ -201,8 +200,8 @@ def norm_silu_gemv(x, norm, eps, weight):
 
 
 def residual_gemv(x, weight, bias, residual):
-    """residual + x @ weightᵀ (+ bias) for one token: x (K,) contiguous, residual (N,) float32 -> a new (N,)."""
-    return _launch_gemv(x, weight, bias, torch.empty_like(residual), weight.shape[0], "residual", residual=residual)
+    """residual += x @ weightᵀ (+ bias) for one token: x (K,) contiguous, residual (N,) float32."""
+    _launch_gemv(x, weight, bias, residual, weight.shape[0], "residual")
 
 
 @triton.jit

@@ -378,15 +378,15 @@ class Block(nn.Module):
         return self.mlp(h)
 
     def decode_step(self, x, cos, sin, attend):
-        """One token on a GPU (see fused_decode) in six kernels: the residual stream x (1, 1, dim) -> the next."""
+        """One token on a GPU (see fused_decode) in six kernels; x (1, 1, dim) gains both sublayers in place."""
         a, mlp, D = self.attn, self.mlp, self.attn.head_dim
         qkv = kernels.norm_rotary_gemv(x, self.attn_norm.weight, self.attn_norm.eps, a.wqkv.weight, a.wqkv.bias,
                                        cos.view(-1), sin.view(-1), a.n_heads + a.n_kv_heads, D)
         q, k, v = (t.view(1, 1, -1, D).transpose(1, 2) for t in qkv.split(a.split, dim=-1))  # (1, heads, 1, D)
         o = attend(q, k, v)
-        x = kernels.residual_gemv(o.contiguous().view(-1), a.wo.weight, a.wo.bias, x.view(-1)).view(1, 1, -1)
+        kernels.residual_gemv(o.contiguous().view(-1), a.wo.weight, a.wo.bias, x.view(-1))
         h = kernels.norm_silu_gemv(x, self.mlp_norm.weight, self.mlp_norm.eps, mlp.w_gate_up.weight)
-        return kernels.residual_gemv(h.view(-1), mlp.w_down.weight, None, x.view(-1)).view(1, 1, -1)
+        kernels.residual_gemv(h.view(-1), mlp.w_down.weight, None, x.view(-1))
 
 
 class Llama(nn.Module):
@@ -414,7 +414,7 @@ class Llama(nn.Module):
         x = self.embed(tokens).float()  # the residual stream stays in float32 whatever the weights' dtype
         if fused_decode(x, observe, self.config.head_dim):
             for i, layer in enumerate(self.layers):
-                x = layer.decode_step(x, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v))
+                layer.decode_step(x, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v))
             return self.norm(x)
         delta = None
         for i, layer in enumerate(self.layers):
