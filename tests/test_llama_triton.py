@@ -84,7 +84,7 @@ def test_norm_silu_gemv(dtype, dim, ffn):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N, K, bias", [(4096, 14336, False), (576, 576, True), (77, 1000, True)])
+@pytest.mark.parametrize("N, K, bias", [(4096, 14336, False), (576, 576, True), (576, 1536, False), (77, 1000, True)])
 def test_residual_gemv(dtype, N, K, bias):
     """residual += x Wᵀ + b in place, the residual stream in float32, K not always a multiple of the block."""
     x = torch.randn(K, device="cuda", dtype=dtype)
