@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import model
 from checkpoint import load_model
-from reference import ref_forward, rel_err
+from reference import ref_forward, ref_rmsnorm, rel_err
 from test_model import CONFIGS, Case, usable_length
 
 kernels = pytest.importorskip("llama_triton") if torch.cuda.is_available() else None
@@ -45,11 +45,6 @@ def test_rotary(dtype, B, T, H, Hkv, D):
     assert rel_err(q, q_ref) <= TOL[dtype] and rel_err(k, k_ref) <= TOL[dtype]
 
 
-def rms_normed64(x, weight, eps=1e-5):
-    x = x.double()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H, Hkv, D, dim, bias", [(32, 8, 128, 4096, False), (9, 3, 64, 576, True),
                                                   (4, 2, 16, 1000, True)])
@@ -62,11 +57,12 @@ def test_norm_rotary_gemv(dtype, H, Hkv, D, dim, bias):
     b = torch.randn(N, device="cuda", dtype=dtype) if bias else None
     angles = torch.rand(D // 2, device="cuda", dtype=torch.float64) * 1000
     cos, sin = angles.cos().float(), angles.sin().float()
-    y = (rms_normed64(x, norm) @ weight.double().t()).view(-1, D)
+    y = (ref_rmsnorm(x.double(), norm.double(), 1e-5) @ weight.double().t()).view(-1, D)
     if bias:
         y += b.double().view(-1, D)
-    rotated = model.apply_rope(y[:H + Hkv], cos.double(), sin.double())
-    expected = torch.cat([rotated, y[H + Hkv:]]).view(1, 1, N)
+    y1, y2 = y[:H + Hkv].chunk(2, dim=-1)
+    c, s = angles.cos(), angles.sin()
+    expected = torch.cat([torch.cat([y1 * c - y2 * s, y2 * c + y1 * s], dim=-1), y[H + Hkv:]]).view(1, 1, N)
     out = kernels.norm_rotary_gemv(x, norm, 1e-5, weight, b, cos, sin, H + Hkv, D)
     assert out.dtype == dtype and rel_err(out, expected) <= TOL[dtype]
 
@@ -78,7 +74,7 @@ def test_norm_silu_gemv(dtype, dim, ffn):
     x = torch.randn(1, 1, dim, device="cuda") * 3
     norm = torch.empty(dim, device="cuda", dtype=dtype).normal_(1, 0.2)
     weight = (torch.randn(2 * ffn, dim, device="cuda") / dim ** 0.5).to(dtype)
-    gate, up = (rms_normed64(x, norm) @ weight.double().t()).chunk(2, dim=-1)
+    gate, up = (ref_rmsnorm(x.double(), norm.double(), 1e-5) @ weight.double().t()).chunk(2, dim=-1)
     out = kernels.norm_silu_gemv(x, norm, 1e-5, weight)
     assert out.dtype == dtype and rel_err(out, F.silu(gate) * up) <= TOL[dtype]
 
