@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model import argmax
 from prefill import OptionError
 
 GRAPH_BLOCK = 16  # decode steps replayed between host syncs (streaming granularity on a GPU)
@@ -13,7 +14,7 @@ GRAPH_BLOCK = 16  # decode steps replayed between host syncs (streaming granular
 def sample(logits, temperature, top_k, top_p, generator):
     """logits (B, V) float32 -> (B,) token ids, with no host sync (it runs inside the graph)."""
     if temperature == 0:
-        return logits.argmax(-1)
+        return argmax(logits)
     logits = logits / temperature
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -25,7 +26,7 @@ def sample(logits, temperature, top_k, top_p, generator):
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
     # argmax(p / E) with E ~ Exp(1) is a draw from p, without a normalised distribution or a sync
     noise = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / noise).argmax(-1)
+    return argmax(probs / noise)
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,11 @@ def fused_decode(x, observe, head_dim):
         gpu_kernels(x, head_dim)
 
 
+def argmax(x):
+    """Index of the largest value of each row of x (B, V) float32 -> (B,) int64, the first of equal ones."""
+    return kernels.argmax(x.contiguous()) if gpu_kernels(x) else x.argmax(-1)
+
+
 def apply_rope(x, cos, sin):
     """Rotate the half-split pairs (i, i + D/2) of x (B, H, T, D) by angles given as cos/sin (B, 1, T, D/2)."""
     x1, x2 = x.float().chunk(2, dim=-1)

@@ -99,6 +99,16 @@ def test_silu_mul(dtype):
     assert rel_err(kernels.silu_mul(gate_up), F.silu(gate) * up) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("B, V", [(1, 49152), (2, 128256), (3, 5), (1, 16385)])
+def test_argmax(B, V):
+    """The first index of each row's largest value, as the CPU's argmax finds it; ties across and
+    within the kernel's blocks of 16384 go to the first."""
+    x = torch.randn(B, V)
+    x[0, [V // 3, V - 1]] = 50.0
+    x[-1, :2] = 60.0
+    assert torch.equal(kernels.argmax(x.cuda()).cpu(), x.argmax(-1))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H, Hkv, D, capacity, live", [(32, 8, 128, 8192, 8000), (9, 3, 64, 2048, 1),
                                                        (9, 3, 64, 2048, 2048), (4, 4, 16, 256, 77)])
