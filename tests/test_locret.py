@@ -226,12 +226,21 @@ def test_scores_and_labels_of_a_forward_against_the_reference(s):
 
 
 def test_retention_loss_on_a_hand_computed_example():
-    scores = torch.tensor([[[0.0, 1.0, 3.0]], [[2.0, 2.0, 0.0]]])  # (L = 2, H_kv = 1, T = 3)
-    labels = torch.tensor([[[0.5, 1.0, 0.0]], [[2.0, 4.0, 0.5]]])
+    scores = [[0.0, 1.0, 3.0], [2.0, 2.0, 0.0]]  # (L = 2, H_kv = 1, T = 3)
+    labels = [[0.5, 1.0, 0.0], [2.0, 4.0, 0.5]]
     # SmoothL1 of the differences -0.5, 0, 3, 0, -2, -0.5: 0.125, 0, 2.5, 0, 1.5, 0.125 -> mean 4.25 / 6;
     # neighbour differences: layer 0: 1, 2 -> mean square 2.5; layer 1: 0, -2 -> 2; sum 4.5
-    expected = 4.25 / 6 + 0.0025 * 4.5
-    assert locret.retention_loss(scores, labels).item() == pytest.approx(expected, rel=1e-6)
+    fit_and_smooth = 4.25 / 6 + 0.0025 * 4.5
+
+    def cross_entropy(label, score):  # -sum_t softmax(label)_t log softmax(score)_t
+        p = [math.exp(x) / sum(map(math.exp, label)) for x in label]
+        log_z = math.log(sum(map(math.exp, score)))
+        return -sum(p_t * (s_t - log_z) for p_t, s_t in zip(p, score))
+
+    ranking = (cross_entropy(labels[0], scores[0]) + cross_entropy(labels[1], scores[1])) / 2
+    loss = locret.retention_loss(torch.tensor(scores)[:, None], torch.tensor(labels)[:, None])
+    assert loss.item() == pytest.approx(fit_and_smooth + ranking, rel=1e-6)
+    assert ranking == pytest.approx(1.457418, abs=1e-6)  # 2.104394 and 0.810441, worked by hand
 
 
 # ---------------------------------------------------------------------------- head files

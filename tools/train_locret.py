@@ -8,10 +8,11 @@ As Locret's locret/train/{data_gen,train}.py. A sample is a prefix (the chat tem
 a document and a request; everything before the answer) and an answer. One causal forward of both
 gives the heads' scores of the prefix tokens, read from the pre-RoPE [q | k | v] with gradients on
 the heads only, and their labels: the largest pre-softmax score each prefix token receives from the
-answer's tokens over its KV head's query group (locret.scores_and_labels). Loss: SmoothL1 plus
-0.0025 x smoothness (locret.retention_loss). Optimiser: Locret's AdamW, lr 5e-4, betas (0.9, 0.95),
-linear warm-up over 2/3 of the steps (2000 of 3000) then linear decay, gradient values clipped at
-0.5, batch 1; heads start N(0, 0.02) as Hugging Face initialises the fresh fc1/fc2 there.
+answer's tokens over its KV head's query group (locret.scores_and_labels). Loss: Locret's SmoothL1
+plus 0.0025 x smoothness, and our ranking term (locret.retention_loss). Optimiser: Locret's AdamW,
+lr 5e-4, betas (0.9, 0.95), linear warm-up over 2/3 of the steps (2000 of 3000) then linear decay,
+gradient values clipped at 0.5, batch 1; heads start N(0, 0.02) as Hugging Face initialises the
+fresh fc1/fc2 there.
 
 Data, made up on the fly from public-domain books (Pride and Prejudice, Frankenstein), documents
 of a quarter to 7/8 of the trained window (SmolLM2: 2K to 7K tokens):
@@ -34,7 +35,8 @@ Deviations from Locret (its LongAlpaca data is neither offline nor SmolLM2's len
 above instead of long instructions and their answers (retrieval weighted up and given haystacks
 after the SmolLM2 heads of a 30 % mix, all book passages, kept a pass key in fewer than half the
 caches), and no HotpotQA/SQuAD or self-generated summaries (methods.md §3.4) to fit the time
-budget offline; scores and labels in float32; the labels come from the same forward as the
+budget offline; scores and labels in float32, without TF32 (Locret's train.py allows it); the
+ranking term of the loss (locret.py's docstring); the labels come from the same forward as the
 scores (Locret prefills 4096-token chunks first, then the answer: the same numbers); --minutes
 caps the training loop: after PLAN_AT steps the number of steps (and with it the schedule) shrinks
 to what fits.
@@ -278,7 +280,6 @@ def main(argv=None):
     args = parse_args(argv)
     log = functools.partial(print, flush=True)
     torch.manual_seed(args.seed)
-    torch.backends.cuda.matmul.allow_tf32 = True  # as Locret's train.py
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.model is None:
         from weights.smollm2 import ensure_default_model
