@@ -25,9 +25,9 @@ Deviations from the original code, all deliberate:
 - the raw keys are freed after the prompt (decoding never evicts);
 - the SmolLM2-135M heads are ours, 256 wide (Locret's Llama-3.1-8B heads are 1024 wide).
 - the training loss adds a ranking term to Locret's (`retention_loss`): the cross-entropy from the
-  softmax of the labels to the softmax of the scores. Eviction keeps each head's top B, a ranking
-  that SmoothL1 on raw scores fits only loosely; with the term, SmolLM2's heads gave a perplexity
-  1-2 lower at 8K-32K and found the pass key as often or more (README, Locret's heads).
+  softmax of the labels to the softmax of the scores, since eviction keeps each head's top B (a
+  ranking); with the term, SmolLM2's heads gave a perplexity 1-2 lower at 8K-32K and found the
+  pass key as often or more (README, Locret's heads).
 """
 
 import copy
