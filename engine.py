@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-import distributed
+import ranks
 from checkpoint import CheckpointError, load_model, read_json
 from decoding import SamplingParams, decode
-from distributed import RankError
 from hybrid import layout_from_config
 from methods import METHODS, add_options, config_from, flag_of, given_options, prepared
 from prefill import MemoryShortage, OptionError, Prompt
+from ranks import RankError
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from weights import WeightsError
 
@@ -111,12 +111,12 @@ class Engine:
     """Load a checkpoint once, then call `generate` as often as needed."""
 
     def __init__(self, model_dir=None, device=None, dtype=None, log=lambda msg: None):
-        self.device = resolve_device(distributed.init(device))  # under torchrun: this process's GPU
+        self.device = resolve_device(ranks.init(device))  # under torchrun: this process's GPU
         if model_dir is None:
             from weights.smollm2 import ensure_default_model  # gguf and numpy only for the default model
-            model_dir = distributed.rank0_first(ensure_default_model, log)
+            model_dir = ranks.rank0_first(ensure_default_model, log)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.model = distributed.checked(load_model, model_dir, self.device, self.dtype)
+        self.model = ranks.checked(load_model, model_dir, self.device, self.dtype)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.window = self.model.config.max_position_embeddings
         self.hybrid_layout = checkpoint_layout(Path(model_dir) / "config.json")
@@ -197,7 +197,7 @@ class Engine:
         OptionError naming the parameter; Ctrl-C while decoding raises Interrupted, which carries
         the Generation so far.
         """
-        sampling = decode_options(max_new_tokens, temperature, top_p, top_k, distributed.common_seed(seed))
+        sampling = decode_options(max_new_tokens, temperature, top_p, top_k, ranks.common_seed(seed))
         if method != AUTO and method not in METHODS:
             raise OptionError("method", f"unknown {{}} {method!r} (choose from auto, {', '.join(METHODS)})")
         if not document.strip() and not (question or "").strip():
@@ -219,7 +219,7 @@ class Engine:
             done, total, len(prompt.context) * done // total, time.perf_counter() - start))
         with torch.inference_mode():
             prefilled = METHODS[method].prefill(self.model, prompt, config, max_new_tokens, progress)
-            generation = distributed.decoded(prefilled, lambda: self.decode(prefilled, prompt, sampling, max_new_tokens,
+            generation = ranks.decoded(prefilled, lambda: self.decode(prefilled, prompt, sampling, max_new_tokens,
                                                                              cuda_graph, on_text, start))
         generation.stats.update(method=method, prompt_tokens=len(prompt.ids()), peak_memory_bytes=peak_memory(self.device))
         if generation.stats["interrupted"]:
@@ -260,7 +260,7 @@ REPORT_STATS = ("method", "prompt_tokens", "chunks", "kept_chunks", "kept_spans"
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line, not the usage block: --help lists the options. Under torchrun, rank 0's alone."""
-        self.exit(2, f"error: {message} (see --help)\n" if distributed.rank() == 0 else None)
+        self.exit(2, f"error: {message} (see --help)\n" if ranks.rank() == 0 else None)
 
 
 def parse_args(argv):
@@ -363,8 +363,8 @@ def answer(args, log, bar):
     options = dict(method=args.method, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     decode_options(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)  # before the model loads
-    distributed.init(args.device)  # under torchrun, rank 0 reads the prompt for all
-    document = distributed.from_rank0(read_prompt, args.prompt)
+    ranks.init(args.device)  # under torchrun, rank 0 reads the prompt for all
+    document = ranks.from_rank0(read_prompt, args.prompt)
     engine = Engine(args.model, args.device, getattr(torch, args.dtype) if args.dtype else None, log)
     config = config_from(chosen_method(args), given_options(args))
     question = "\n\n" + args.question if args.question else None
@@ -402,7 +402,7 @@ def main(argv=None):
     """Exit status: 0 done, 1 a request that cannot be served (one line on stderr), 2 a malformed
     command line, 130 Ctrl-C. Under torchrun only rank 0 prints."""
     args = parse_args(argv)
-    leader = distributed.rank() == 0
+    leader = ranks.rank() == 0
     if not leader:
         args.quiet, sys.stdout = True, open(os.devnull, "w")
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
@@ -428,7 +428,7 @@ def main(argv=None):
             raise
         message = memory_advice(isinstance(e, torch.OutOfMemoryError), chosen_method(args))
         if not leader:  # where the ranks compute in lockstep, no other rank can report it
-            print(f"error: rank {distributed.rank()}: {message}", file=sys.stderr)
+            print(f"error: rank {ranks.rank()}: {message}", file=sys.stderr)
     if leader:
         print(f"error: {message}", file=sys.stderr)
     return 1

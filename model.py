@@ -27,7 +27,6 @@ if getattr(kernels, "KERNELS_FOR", None) != "model.py":  # a module of that name
     kernels = None
 
 CACHE_ALIGN = 256  # KV cache capacity granularity, in tokens
-LSE_BLOCK = 2 ** 28  # attention_lse: attention scores computed at once (1 GiB in float32)
 # On H100/H200 with torch 2.11, cuDNN attention ran causal prefill about 2x faster than
 # PyTorch's flash backend; SDPA skips backends that cannot take the inputs.
 PREFILL_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
@@ -181,36 +180,6 @@ def scores_f32(q, k):
     B, Hkv, G, D = q.shape
     s = matmul_f32(q.reshape(B * Hkv, G, D), k.reshape(B * Hkv, -1, D).transpose(1, 2))
     return s.view(B, Hkv, G, -1) * D ** -0.5
-
-
-def attention_lse(q, k, v, visible=None):
-    """Softmax attention with GQA by the plain matmul form, in float32, with the log-sum-exp of
-    each row's scores: attention over disjoint sets of keys merges exactly from (out, lse).
-
-    q (B, H, Tq, D); k, v (B, H_kv, Tk, D); visible: bool (B|1, H_kv|1, Tq|1, Tk), True = may
-    attend (per KV head, as caches hold keys), None = every key. Returns out (B, H, Tq, D) and
-    lse (B, H, Tq) in float32; a row that sees no key has out 0 and lse -inf. Query rows go in
-    blocks of at most LSE_BLOCK scores.
-    """
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    if Tk == 0:
-        return q.new_zeros(q.shape, dtype=torch.float32), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
-    G = H // Hkv
-    rows = max(1, LSE_BLOCK // (H * Tk))
-    outs, lses = [], []
-    for a in range(0, Tq, rows):
-        T = min(rows, Tq - a)
-        s = scores_f32(q[:, :, a:a + T].reshape(B, Hkv, G * T, D), k).view(B, Hkv, G, T, Tk)
-        if visible is not None:
-            rows_visible = visible if visible.shape[2] == 1 else visible[:, :, a:a + T]
-            s = s.masked_fill(~rows_visible[:, :, None], float("-inf"))
-        lse = s.logsumexp(-1)  # (B, H_kv, G, T)
-        p = (s - lse.masked_fill(lse == float("-inf"), 0)[..., None]).exp()  # rows seeing nothing: 0, not NaN
-        o = matmul_f32(p.view(B * Hkv, G * T, Tk).to(v.dtype), v.reshape(B * Hkv, Tk, D))
-        outs.append(o.view(B, H, T, D))
-        lses.append(lse.view(B, H, T))
-    return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 def merge_lse(outs, lses):

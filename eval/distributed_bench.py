@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import distributed  # noqa: E402
 import parallelcomp  # noqa: E402
+import ranks  # noqa: E402
 from bench import DECODE_STEPS, LLAMA3_8B, QUESTION_TOKENS, REPEATS, TIMED_STEPS  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from decoding import Decoder, SamplingParams, decode  # noqa: E402
@@ -53,7 +54,7 @@ def prefill(model, prompt, config, placement, answer_budget):
     synchronize(model.device)
     start = time.perf_counter()
     if placement == "one":
-        prefilled = parallelcomp.prefill(model, prompt, config, answer_budget) if distributed.rank() == 0 else None
+        prefilled = parallelcomp.prefill(model, prompt, config, answer_budget) if ranks.rank() == 0 else None
     else:
         prefilled = distributed.prefill(model, prompt, replace(config, kv_placement=placement), answer_budget)
     synchronize(model.device)
@@ -99,13 +100,13 @@ def bench_row(model, prompt, config, placement):
                 return None
             return seconds, decode_ms(model, prefilled), prefilled.stats
     try:
-        result = distributed.checked(run)
-        seconds, ms, stats = distributed.from_rank0(lambda: result)
+        result = ranks.checked(run)
+        seconds, ms, stats = ranks.from_rank0(lambda: result)
         row.update(prefill_s=seconds, decode_ms=ms, chunks=stats["chunks"], kept_chunks=stats["kept_chunks"],
                    cache_tokens=stats["forwards"][-1][1])
-    except (torch.OutOfMemoryError, distributed.RankError) as e:  # one GPU's out of memory reaches every rank
-        row.update(error=distributed.describe(e))
-    peaks = [None] * distributed.world()
+    except (torch.OutOfMemoryError, ranks.RankError) as e:  # one GPU's out of memory reaches every rank
+        row.update(error=ranks.describe(e))
+    peaks = [None] * ranks.world()
     dist.all_gather_object(peaks, peak_gib(device))
     return dict(row, peak_gib=peaks)
 
@@ -164,10 +165,10 @@ def answer(engine, prompt, config, placement):
         return engine.tokenizer.decode(tokens), prefilled.stats["kept_chunks"]
     with torch.inference_mode():
         if placement == "one":
-            return distributed.from_rank0(lambda: generate(parallelcomp.prefill(model, prompt, config,
+            return ranks.from_rank0(lambda: generate(parallelcomp.prefill(model, prompt, config,
                                                                                  PASSKEY_TOKENS)))
         prefilled = distributed.prefill(model, prompt, replace(config, kv_placement=placement), PASSKEY_TOKENS)
-        return distributed.decoded(prefilled, lambda: generate(prefilled))
+        return ranks.decoded(prefilled, lambda: generate(prefilled))
 
 
 def passkey(engine, lengths, depths, keys, add):
@@ -199,7 +200,7 @@ def passkey_table(rows):
 
 
 def log(message):
-    if distributed.rank() == 0:
+    if ranks.rank() == 0:
         print(message, file=sys.stderr, flush=True)
 
 
@@ -217,10 +218,10 @@ def main():
     p.add_argument("--device", help="cuda (one GPU per process) or cpu")
     p.add_argument("--out", default="results/distributed", help="writes PREFIX.json")
     args = p.parse_args()
-    device = torch.device(distributed.init(args.device))
-    if distributed.world() == 1:
+    device = torch.device(ranks.init(args.device))
+    if ranks.world() == 1:
         p.error("start it with torchrun --nproc-per-node N (N >= 2): it compares one GPU with N")
-    result = dict(processes=distributed.world(), device=torch.cuda.get_device_name(device) if device.type == "cuda"
+    result = dict(processes=ranks.world(), device=torch.cuda.get_device_name(device) if device.type == "cuda"
                   else "cpu", complete=False, bench=[], passkey=[])
 
     def add(part, row):
@@ -229,7 +230,7 @@ def main():
 
     def save():
         """Rank 0 rewrites PREFIX.json: a run stopped midway keeps its rows."""
-        if distributed.rank() == 0:
+        if ranks.rank() == 0:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
 
@@ -249,7 +250,7 @@ def main():
         passkey(engine, lengths, args.depths, args.keys, functools.partial(add, "passkey"))
     result["complete"] = True
     save()
-    if distributed.rank() == 0:
+    if ranks.rank() == 0:
         print(f"{result['processes']} processes on {result['device']}")
         if result["bench"]:
             print(bench_table(result["bench"]))
