@@ -46,7 +46,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from model import KVCache, scores_f32
+from compaction import RawKeyCache
+from model import scores_f32
 from prefill import OptionError, Prefilled, option
 
 GENERIC_CATALYST = "\n\nSummarize the critical points of the text above."
@@ -210,7 +211,7 @@ def prefill(model, prompt, config, answer_budget, on_progress=None):
     config.validate(c)
     catalyst = catalyst_ids(config, prompt)
     M, C, T, room = pot_sizes(config, c.max_position_embeddings, len(catalyst), len(prompt.question), answer_budget)
-    cache = KVCache(c, 1, M + room, device, model.dtype, raw_keys=True)
+    cache = RawKeyCache(c, 1, M + room, device, model.dtype)
     nll = torch.empty(c.n_layers, c.n_kv_heads, M, device=device)  # NuC of the pot's entries
     stream = torch.tensor(prompt.head + prompt.context, device=device)
     catalyst = torch.tensor(catalyst, device=device)

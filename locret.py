@@ -43,7 +43,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from checkpoint import CheckpointError
-from model import KVCache, attention, scores_f32
+from compaction import RawKeyCache
+from model import attention, scores_f32
 from prefill import OptionError, Prefilled, extend, option
 
 LOCAL_TOKENS = 100  # the uncompressed tail at least (Locret's local_len)
@@ -218,13 +219,13 @@ def with_heads(config, model):
 # ---------------------------------------------------------------------------- prefill
 
 class RetainedCache:
-    """The context as Locret keeps it: in every layer and KV head, the first n entries of a KVCache
+    """The context as Locret keeps it: in every layer and KV head, the first n entries of a RawKeyCache
     are the kept tokens in prompt order at positions 0..n-1, with their scores and prompt indices."""
 
     def __init__(self, model, heads, capacity, room):
         c = model.config
         self.model, self.heads = model, heads
-        self.kv = KVCache(c, 1, capacity + room, model.device, model.dtype, raw_keys=True)
+        self.kv = RawKeyCache(c, 1, capacity + room, model.device, model.dtype)
         self.score = torch.zeros(c.n_layers, c.n_kv_heads, capacity, device=model.device)  # float32
         self.origin = torch.zeros_like(self.score, dtype=torch.long)  # index in the prompt
         self.n = self.seen = 0  # entries kept; prompt tokens prefilled

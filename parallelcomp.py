@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from model import KVCache, attention, scores_f32
-from prefill import OptionError, Prefilled, free_memory, option
+from prefill import OptionError, Prefilled, free_memory, option, prefill_bytes_per_token
 
 OBSERVATION_WINDOW = 8  # last question tokens whose attention scores a chunk's tokens (KV eviction)
 POOL_KERNEL = 7  # KV eviction max-pools scores over neighbours so kept tokens come in runs
@@ -124,7 +124,7 @@ def default_chunk_tokens(window, head_len, question_len, answer_budget):
 
 def chunk_batch_size(model, chunk_len, n_chunks):
     """Chunks per forward: what half the free memory holds, at most MAX_BATCH_TOKENS tokens."""
-    fits = int(0.5 * free_memory(model.device) // (model.prefill_bytes_per_token() * chunk_len))
+    fits = int(0.5 * free_memory(model.device) // (prefill_bytes_per_token(model) * chunk_len))
     return max(1, min(n_chunks, fits, MAX_BATCH_TOKENS // chunk_len))
 
 

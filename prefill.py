@@ -87,12 +87,30 @@ def prefill_piece(device):
     return PREFILL_PIECE.get(device.type, PREFILL_PIECE["cuda"])
 
 
+def kv_bytes_per_token(model):
+    """Memory a cached token takes: its K and V in every layer."""
+    c = model.config
+    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * model.dtype.itemsize
+
+
+def activation_bytes_per_token(model):
+    """Memory a token's activations take in one layer while it is encoded (RoPE in float32)."""
+    c, b = model.config, model.dtype.itemsize
+    qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    return b * (6 * c.dim + 3 * qkv + 4 * c.ffn_dim) + 8 * qkv
+
+
+def prefill_bytes_per_token(model):
+    """Memory a prefilled token takes: its K/V in every layer, plus its activations while encoded."""
+    return kv_bytes_per_token(model) + activation_bytes_per_token(model)
+
+
 def causal_prefill(model, ids, answer_budget):
     """Plain causal prefill of `ids` at positions 0..T-1 into a new cache with room for the
     answer: (cache, logits (vocab,) at the last token). Raises MemoryShortage at once when the
     cache and one piece's activations would not fit, rather than minutes into the prefill."""
     tokens, piece = len(ids) + answer_budget, min(len(ids), prefill_piece(model.device))
-    need = model.kv_bytes_per_token() * tokens + model.activation_bytes_per_token() * piece
+    need = kv_bytes_per_token(model) * tokens + activation_bytes_per_token(model) * piece
     free = free_memory(model.device)
     if need > free:
         raise MemoryShortage(f"a cache of {tokens:,} tokens and their prefill need {need / 2**30:.1f} GiB, "

@@ -84,7 +84,7 @@ class FailingModel:
 
     def __init__(self, model, fail):
         self.model, self.fail, self.config, self.logits = model, fail, model.config, model.logits
-        self.device, self.dtype, self.prefill_bytes_per_token = model.device, model.dtype, model.prefill_bytes_per_token
+        self.device, self.dtype = model.device, model.dtype
 
     def __call__(self, tokens, positions, attend, observe=None):
         return self.model(tokens, positions, self.fail(attend, tokens), observe)
