@@ -209,8 +209,9 @@ def encode_chunks(model, prompt, spans, indices, kv_budget):
     hidden = model(tokens, positions, ChunkEncoder(chunks, lens, kv_budget))
     targets = torch.tensor(question, device=model.device)
     for b, chunk in enumerate(chunks):
-        predicting = hidden[b, chunk.context_len - 1:lens[b] - 1]  # (Lq, dim): the rows that predict the question
-        chunk.nll = query_nll(model.logits(predicting), targets, prompt.eos_ids)
+        # (Lq, dim): the rows that predict the question; from its second token when nothing precedes it
+        predicting = hidden[b, max(chunk.context_len - 1, 0):lens[b] - 1]
+        chunk.nll = query_nll(model.logits(predicting), targets[len(targets) - len(predicting):], prompt.eos_ids)
     return chunks
 
 

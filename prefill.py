@@ -20,15 +20,17 @@ PREFILL_PIECE = {"cuda": 8192, "cpu": 2048}  # tokens per causal-prefill forward
 
 
 class OptionError(ValueError):
-    """A bad option value. str() names the option as the Python API does (`top_k_chunks must be
-    at least 1`); named(flag) as another caller does (`--top-k-chunks must be at least 1`)."""
+    """A bad option value. str() names the options as the Python API does (`pot_keep must be
+    below pot_tokens (100)`); named(name_of) as another caller does, name_of giving each option's
+    name there (`--pot-keep must be below --pot-tokens (100)`). param: the option to change."""
 
-    def __init__(self, param, template):
-        self.param, self.template = param, template  # template: the message with {} for the name
-        super().__init__(template.format(param))
+    def __init__(self, param, template, *others):
+        self.param, self.template = param, template  # template: the message with {} for each name
+        self.params = (param, *others)  # the options the message names, in the template's order
+        super().__init__(self.named(str))
 
-    def named(self, name):
-        return self.template.format(name)
+    def named(self, name_of):
+        return self.template.format(*map(name_of, self.params))
 
 
 class MemoryShortage(RuntimeError):

@@ -3,8 +3,8 @@ memory, the kept chunks and passkey answers.
 
     torchrun --standalone --nproc-per-node 2 eval/distributed_bench.py --out results/distributed
 
-Bench: bench.py's Llama-3-8B-shaped model with random bf16 weights (the same on every GPU) and its
-random prompt for each context length. Each run is ParallelComp's prefill on rank 0 alone (the
+Bench: bench.py's Llama-3-8B-shaped model with random bf16 weights (the same on every GPU), its
+random prompt for each context length and its timer. Each run is ParallelComp's prefill on rank 0 alone (the
 one-process code, the other ranks idle), then over every rank with kv_placement gather and sharded;
 with --all-kept-context every chunk is kept (top-k = the number of chunks), a cache only sharded
 may hold. Decode: the median ms per token of runs of 32 steps, a CUDA graph on rank 0 for one GPU
@@ -30,14 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import distributed  # noqa: E402
 import parallelcomp  # noqa: E402
 import ranks  # noqa: E402
-from bench import DECODE_STEPS, LLAMA3_8B, QUESTION_TOKENS, REPEATS, TIMED_STEPS  # noqa: E402
+from bench import DECODE_STEPS, LLAMA3_8B, REPEATS, TIMED_STEPS, random_model, random_prompt, timed  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from decoding import Decoder, SamplingParams, decode  # noqa: E402
 from engine import Engine  # noqa: E402
-from model import build_model  # noqa: E402
 from parallelcomp import ParallelCompConfig  # noqa: E402
 from passkey import INSTRUCTION, QUESTION, passkey_document, passkey_keys  # noqa: E402
-from prefill import Prompt  # noqa: E402
 
 PLACEMENTS = ("one", "gather", "sharded")  # one: rank 0 alone, the one-process code
 PASSKEY_TOKENS = 8
@@ -67,15 +65,7 @@ def decode_ms(model, prefilled):
     graph = device.type == "cuda" and prefilled.cache.graph_safe
     decoder = Decoder(model, prefilled.cache, int(prefilled.logits.argmax()), prefilled.next_position, DECODE_STEPS,
                       SamplingParams().sampler(device), graph)
-    decoder.run(TIMED_STEPS)
-    times = []
-    for _ in range(REPEATS):
-        synchronize(device)
-        start = time.perf_counter()
-        decoder.run(TIMED_STEPS)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2] / TIMED_STEPS
+    return 1e3 * timed(lambda: decoder.run(TIMED_STEPS), REPEATS, device) / TIMED_STEPS
 
 
 def peak_gib(device):
@@ -116,9 +106,9 @@ def bench(model, contexts, all_kept_context, add):
     c = model.config
     runs = [(n, ParallelCompConfig()) for n in contexts]
     if all_kept_context:
-        chunk = parallelcomp.default_chunk_tokens(c.max_position_embeddings, 0, QUESTION_TOKENS, DECODE_STEPS)
-        n_chunks = len(parallelcomp.chunk_spans(all_kept_context - QUESTION_TOKENS, chunk))
-        runs.append((all_kept_context, ParallelCompConfig(top_k_chunks=n_chunks)))
+        prompt = random_prompt(c, all_kept_context)
+        spans = parallelcomp.context_spans(model, prompt, ParallelCompConfig(), DECODE_STEPS)
+        runs.append((all_kept_context, ParallelCompConfig(top_k_chunks=len(spans))))
     warm = random_prompt(c, 3 * c.max_position_embeddings)  # several chunks: cuDNN plans, cuBLAS handles
     for placement in PLACEMENTS:
         bench_row(model, warm, ParallelCompConfig(), placement)
@@ -128,12 +118,6 @@ def bench(model, contexts, all_kept_context, add):
             row = dict(context=context, **bench_row(model, prompt, config, placement))
             add(row)
             log(bench_table([row]).splitlines()[-1])
-
-
-def random_prompt(c, context):
-    """bench.py's prompt: random tokens, the last QUESTION_TOKENS of them the question."""
-    ids = torch.randint(0, c.vocab_size, (context,), generator=torch.Generator().manual_seed(context)).tolist()
-    return Prompt([], ids[:-QUESTION_TOKENS], ids[-QUESTION_TOKENS:])
 
 
 def bench_table(rows):
@@ -238,10 +222,7 @@ def main():
         if args.bench_model:
             model = load_model(args.bench_model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         else:
-            model = build_model(LLAMA3_8B, device, torch.bfloat16)
-            gen = torch.Generator(device).manual_seed(0)  # the same weights on every GPU
-            for param in model.parameters():
-                param.normal_(0, 0.02, generator=gen)
+            model = random_model(LLAMA3_8B, device)
         bench(model, [n for n in args.contexts if n], args.all_kept_context, functools.partial(add, "bench"))
         del model
     if any(args.passkey_lengths):

@@ -281,7 +281,7 @@ def test_bad_options_validate(setup, fields, param):
 @pytest.mark.parametrize("fields, answer_budget, question, param", [
     (dict(pot_tokens=480), 20, None, "pot_tokens"),  # + the 35-token catalyst > 512
     (dict(pot_tokens=400), 120, None, "pot_tokens"),  # + question + answer > 512
-    (dict(), 505, None, "pot_tokens"),  # the question and the answer leave no pot
+    (dict(), 505, None, "max_new_tokens"),  # the question and the answer leave no pot
     (dict(pot_keep=490), 20, None, "pot_keep"),  # the default pot is smaller
     (dict(catalyst="question"), 20, [1], "catalyst"),  # no question to catalyse
 ])
