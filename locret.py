@@ -18,8 +18,8 @@ ranking term (`retention_loss`).
 Deviations from the original code, all deliberate:
 - B, S and n_s default to values scaled to the model's trained window (`LocretConfig.settings`);
   the default B also leaves the prompt's tail and the answer room in the window, and a B given
-  that does not is refused, so positions never pass the trained window (the original's B is
-  fixed, far below its 128K window);
+  under which they would pass it is refused: positions stay inside the trained window (the
+  original's B is fixed, far below its 128K window);
 - the uncompressed tail grows to the whole question when that is longer than LOCAL_TOKENS (the
   original always takes its local_len = 100 last tokens, evicting the start of a long question);
 - head scores are kept in float32 (the original keeps them in the model's dtype, bf16), and a tie
@@ -189,14 +189,9 @@ class LocretConfig:
     def prepared(self, model, encode):
         return with_heads(self, model)
 
-    def validate(self, model_config, tail=0, answer_budget=0):
-        """The options checked against the model; with the prompt's tail (tail_length) and the
-        answer budget, which prefill knows, also that their positions stay in the window."""
-        budget, chunk, stabilizers = self.settings(model_config, tail + answer_budget)
+    def validate(self, model_config):
+        budget, chunk, stabilizers = self.settings(model_config)
         window = model_config.max_position_embeddings
-        if self.budget is None and budget < 1:
-            raise OptionError("max_new_tokens", f"the prompt's last {tail} tokens and {{}} ({answer_budget}) leave "
-                                                f"no room for a cache in the model's {window}-token window")
         if budget < 1:
             raise OptionError("budget", "{} must be at least 1")
         if chunk < 1:
@@ -206,9 +201,6 @@ class LocretConfig:
         if budget + chunk > window:
             raise OptionError("budget", f"{{}} plus {{}} ({budget} + {chunk}) must fit in the model's {window}-token "
                                         "window", "locret_chunk")
-        if budget + tail + answer_budget > window:
-            raise OptionError("budget", f"{{}} ({budget}) + the prompt's last {tail} tokens + {{}} ({answer_budget}) "
-                                        f"must fit in the model's {window}-token window", "max_new_tokens")
         if self.retaining_heads is None and not ships_heads(model_config):
             raise OptionError("retaining_heads", NO_HEADS)
 
@@ -271,6 +263,20 @@ class RetainedCache:
         return True
 
 
+def check_room(config, model_config, stream, tail, answer_budget):
+    """That the `tail` tokens and the answer, after the entries kept of `stream` tokens, stay at
+    positions inside the trained window."""
+    window = model_config.max_position_embeddings
+    room = window - tail - answer_budget  # positions left for the kept entries
+    budget = config.settings(model_config, tail + answer_budget)[0]
+    if room < (1 if stream else 0):
+        raise OptionError("max_new_tokens", f"the prompt's last {tail} tokens and {{}} ({answer_budget}) leave no room "
+                                            f"for a cache in the model's {window}-token window")
+    if min(budget, stream) > room:
+        raise OptionError("budget", f"{{}} ({budget}) + the prompt's last {tail} tokens + {{}} ({answer_budget}) must "
+                                    f"fit in the model's {window}-token window", "max_new_tokens")
+
+
 def tail_length(prompt):
     """Tokens prefilled after the last eviction and never evicted: the last LOCAL_TOKENS, or the
     whole question when it is longer. The text just before a short question stays whole: evicted
@@ -303,9 +309,9 @@ def prefill(model, prompt, config, answer_budget, on_progress=None):
     (per layer and KV head), head_flops (the retaining heads' multiply-adds x 2).
     """
     ids, n_tail = prompt.ids(), tail_length(prompt)
-    config.validate(model.config, n_tail, answer_budget)
-    heads = with_heads(config, model).retaining_heads
     stream, tail = ids[:len(ids) - n_tail], ids[len(ids) - n_tail:]
+    check_room(config, model.config, len(stream), n_tail, answer_budget)
+    heads = with_heads(config, model).retaining_heads
     cache, forwards, compressions = retain(model, heads, stream, config, n_tail + answer_budget, on_progress)
     n = cache.n
     logits = extend(model, cache.kv, tail, n)
