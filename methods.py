@@ -57,9 +57,10 @@ METHODS = {
                      "LongGen's pattern: the middle third of the layers full attention, the others sink + window",
                      from_checkpoint=hybrid.layout_from_config),
 }
-AUTO = "auto"  # full attention when prompt and answer fit the trained window, else ParallelComp (engine.py)
+# auto (Engine.plan decides): the method a checkpoint was trained for (from_checkpoint), else AUTO_FITS
+# when the prompt and the answer fit the trained window, else AUTO_LONG
+AUTO = "auto"
 AUTO_FITS, AUTO_LONG = "full", "parallelcomp"
-# what auto may run: those two, or the method a checkpoint was trained for
 AUTO_CANDIDATES = (AUTO_FITS, AUTO_LONG, *(name for name, m in METHODS.items() if m.from_checkpoint))
 
 
