@@ -28,7 +28,7 @@ import torch
 from checkpoint import load_model
 from decoding import Decoder, SamplingParams
 from locret import random_heads, ships_heads
-from methods import METHODS, add_options, parse_specs, prepared
+from methods import METHODS, add_options, parse_specs
 from model import ModelConfig, build_model
 from prefill import MemoryShortage, Prompt
 
@@ -47,20 +47,46 @@ TIMED_STEPS, REPEATS = 32, 5  # decode: the median of 5 runs of 32 steps, after 
 COMPILE_CALLS = 3  # torch.compile's reduce-overhead mode records its CUDA graph by the third call
 
 
-# ---------------------------------------------------------------------------- physical limits
+# ---------------------------------------------------------------------------- what the benchmarks share
 
-def timed(fn, repeat=1):
-    """Median seconds of fn() over `repeat` runs, after one warm-up, with device events."""
+def timed(fn, repeat=1, device="cuda"):
+    """Median seconds of fn() over `repeat` runs, after one warm-up."""
     fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    times = sorted(seconds(fn, torch.device(device)) for _ in range(repeat))
+    return times[len(times) // 2]
+
+
+def seconds(fn, device):
+    """The time fn() takes: between device events on a GPU, by the clock elsewhere (eval/distributed_bench.py
+    runs on CPUs too)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+        return time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1e3
+
+
+def random_model(config, device):
+    """A Llama of `config` with random bf16 weights, N(0, 0.02) from seed 0: the same on every GPU."""
+    model = build_model(config, device, torch.bfloat16)
+    gen = torch.Generator(device).manual_seed(0)
+    for param in model.parameters():
+        param.normal_(0, 0.02, generator=gen)
+    return model
+
+
+def random_prompt(config, context):
+    """`context` random tokens drawn from a seed of that length, the last QUESTION_TOKENS of them the question."""
+    ids = torch.randint(0, config.vocab_size, (context,), generator=torch.Generator().manual_seed(context)).tolist()
+    return Prompt([], ids[:-QUESTION_TOKENS], ids[-QUESTION_TOKENS:])
+
+
+# ---------------------------------------------------------------------------- physical limits
 
 
 def measure_limits():
@@ -101,15 +127,14 @@ def prefill_flops(c, stats):
         + 2 * stats["scored_tokens"] * c.vocab_size * c.dim
 
 
-def bench_engine(model, context, label, method, config, bandwidth, matmul_rate):
+def bench_engine(model, context, label, method, overrides, bandwidth, matmul_rate):
     c = model.config
-    gen = torch.Generator().manual_seed(context)
-    ids = torch.randint(0, c.vocab_size, (context,), generator=gen).tolist()
-    prompt = Prompt([], ids[:-QUESTION_TOKENS], ids[-QUESTION_TOKENS:])
+    prompt = random_prompt(c, context)
+    config = METHODS[method].config(**overrides)
     if method == "locret" and config.retaining_heads is None and not ships_heads(c):
         config = replace(config, retaining_heads=random_heads(c, LOCRET_HIDDEN))
     # a token a word for text options: speed depends on their length only
-    config = prepared(config, model, lambda text: [sum(map(ord, w)) % c.vocab_size for w in text.split()])
+    config = METHODS[method].ready(config, model, lambda text: [sum(map(ord, w)) % c.vocab_size for w in text.split()])
     prefill = METHODS[method].prefill
     row = dict(engine="ours", method=label, context=context)
     try:
@@ -284,13 +309,10 @@ def main():
             model = load_model(checkpoint, "cuda", torch.bfloat16)
         else:
             checkpoint = None
-            model = build_model(RANDOM_SHAPES[name], "cuda", torch.bfloat16)
-            gen = torch.Generator("cuda").manual_seed(0)
-            for param in model.parameters():
-                param.normal_(0, 0.02, generator=gen)
+            model = random_model(RANDOM_SHAPES[name], "cuda")
         for context in args.contexts:
-            for label, (method, config) in runs.items():
-                add(dict(model=name, **bench_engine(model, context, label, method, config, bandwidth, matmul_rate)))
+            for label, (method, overrides) in runs.items():
+                add(dict(model=name, **bench_engine(model, context, label, method, overrides, bandwidth, matmul_rate)))
         config = model.config
         del model
         torch.cuda.empty_cache()

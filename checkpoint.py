@@ -3,10 +3,13 @@
     model = load_model("path/to/checkpoint", "cuda", torch.bfloat16)
 
 Weights are read with `safetensors` one tensor at a time, straight into the (possibly fused)
-parameters of model.py's Llama; every problem is a CheckpointError naming the file or tensor.
+parameters of model.py's Llama; every problem is a CheckpointError naming the file, the tensor or
+the config.json key. config.json is read once (read_hf_config) into a dict that every reader
+takes: the model here, the tokenizer, the methods that a checkpoint may configure (methods.py).
 """
 
 import json
+import math
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -22,9 +25,13 @@ class CheckpointError(Exception):
     """A checkpoint directory that cannot be loaded; the message names the file or tensor."""
 
 
-def read_json(path):
-    """config.json as a dict; CheckpointError when it is missing or not a JSON object."""
-    path = Path(path)
+def read_hf_config(directory):
+    """The config.json of checkpoint `directory` as a dict; CheckpointError when the directory or
+    the file is missing or it is not a JSON object."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory")
+    path = directory / "config.json"
     try:
         hf = json.loads(path.read_text())
     except FileNotFoundError:
@@ -36,39 +43,58 @@ def read_json(path):
     return hf
 
 
-def read_config(path):
-    """config.json of a Hugging Face Llama or Qwen2 checkpoint -> ModelConfig; CheckpointError names what is wrong."""
-    hf = read_json(path)
+def entry(hf, key, kind, default=None):
+    """hf[key], or `default` where it is absent or null (None: a required key), checked: int (a
+    positive JSON integer), float (a positive finite JSON number) or bool (true or false)."""
+    value = hf.get(key)
+    if value is None:
+        if default is None:
+            raise KeyError(key)
+        return default
+    if kind is bool:
+        if type(value) is not bool:
+            raise ValueError(f"{key} must be true or false, not {value!r}")
+        return value
+    number = type(value) is int or (kind is float and type(value) is float and math.isfinite(value))
+    if not number or value <= 0:
+        raise ValueError(f"{key} must be a positive {'integer' if kind is int else 'number'}, not {value!r}")
+    return kind(value)
+
+
+def model_config(hf, path):
+    """config.json (hf, a dict) of a Hugging Face Llama or Qwen2 checkpoint -> ModelConfig;
+    CheckpointError names what is wrong, and `path`."""
     arch = (hf.get("architectures") or ["<none>"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"{path}: architecture {arch} is not supported "
                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    if hf.get("use_sliding_window"):
-        raise CheckpointError(f"{path}: sliding-window attention is not supported")
-    if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
-        raise CheckpointError(f"{path}: only the SwiGLU MLP (hidden_act silu, no mlp_bias) is supported")
     try:
-        n_heads = int(hf["num_attention_heads"])
+        if entry(hf, "use_sliding_window", bool, False):
+            raise CheckpointError(f"{path}: sliding-window attention is not supported")
+        if hf.get("hidden_act", "silu") != "silu" or entry(hf, "mlp_bias", bool, False):
+            raise CheckpointError(f"{path}: only the SwiGLU MLP (hidden_act silu, no mlp_bias) is supported")
+        dim, n_heads = entry(hf, "hidden_size", int), entry(hf, "num_attention_heads", int)
+        bias = entry(hf, "attention_bias", bool, arch == "Qwen2ForCausalLM")
         config = ModelConfig(
-            vocab_size=int(hf["vocab_size"]),
-            dim=int(hf["hidden_size"]),
-            n_layers=int(hf["num_hidden_layers"]),
+            vocab_size=entry(hf, "vocab_size", int),
+            dim=dim,
+            n_layers=entry(hf, "num_hidden_layers", int),
             n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
-            ffn_dim=int(hf["intermediate_size"]),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            n_kv_heads=entry(hf, "num_key_value_heads", int, n_heads),
+            head_dim=entry(hf, "head_dim", int, dim // n_heads),
+            ffn_dim=entry(hf, "intermediate_size", int),
+            norm_eps=entry(hf, "rms_norm_eps", float, 1e-6),
+            rope_theta=entry(hf, "rope_theta", float, 10000.0),
             rope_scaling=hf.get("rope_scaling"),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            output_bias=arch == "LlamaForCausalLM" and bool(hf.get("attention_bias", False)),
+            max_position_embeddings=entry(hf, "max_position_embeddings", int, 2048),
+            tie_word_embeddings=entry(hf, "tie_word_embeddings", bool, False),
+            attention_bias=bias,
+            output_bias=arch == "LlamaForCausalLM" and bias,
         )
     except KeyError as e:
         raise CheckpointError(f"{path}: missing key {e.args[0]}")
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad value ({e})")
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}")
     check_config(config, path)
     return config
 
@@ -170,12 +196,11 @@ def load_weights(model, files):
         raise CheckpointError(f"{files[0].parent}: missing tensors {', '.join(missing[:3])}{more}")
 
 
-def load_model(path, device, dtype):
-    """A Hugging Face Llama checkpoint directory -> Llama in eval mode on `device` in `dtype`."""
+def load_model(path, device, dtype, hf=None):
+    """A Hugging Face Llama checkpoint directory -> Llama in eval mode on `device` in `dtype`.
+    hf: its config.json, when the caller has read it (read_hf_config)."""
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory")
-    config = read_config(path / "config.json")
+    config = model_config(read_hf_config(path) if hf is None else hf, path / "config.json")
     files = safetensors_files(path)
     model = build_model(config, device, dtype)
     load_weights(model, files)

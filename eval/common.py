@@ -33,7 +33,7 @@ def parser(doc, out, methods):
 
 
 def runs(p, args):
-    """{label: (method, config)} of --methods, or one line from the parser's error."""
+    """{label: (method, {field: value})} of --methods, or one line from the parser's error."""
     try:
         return parse_specs(args.methods, args)
     except argparse.ArgumentTypeError as e:

@@ -78,16 +78,16 @@ def trials(tokenizer, task, n_tokens, depth, keys, haystack_ids):
 
 
 def run(engine, tasks, lengths, depths, keys, haystack_ids, methods, rows):
-    """methods: {label: (method, config)}; one row per trial and label, appended to rows."""
+    """methods: {label: (method, {field: value})}; one row per trial and label, appended to rows."""
     for task in tasks:
         for n_tokens in lengths:
             for depth in depths:
                 cell = trials(engine.tokenizer, task, n_tokens, depth, keys, haystack_ids)
                 for trial, (document, instruction, question, score) in enumerate(cell):
-                    for method, (name, config) in methods.items():
+                    for method, (name, overrides) in methods.items():
                         start = time.perf_counter()
                         out = engine.generate(document, question, instruction=instruction, method=name,
-                                              max_new_tokens=MAX_NEW_TOKENS[task], config=config)
+                                              max_new_tokens=MAX_NEW_TOKENS[task], options={name: overrides})
                         rows.append(dict(task=task, length=n_tokens, depth=depth, trial=trial, method=method,
                                          prompt_tokens=out.stats["prompt_tokens"], answer=out.text,
                                          score=score(out.text), seconds=time.perf_counter() - start))

@@ -132,6 +132,20 @@ def ref_forward(w, cfg, tokens, positions, past=None, record=None, mask=None):
     return x @ head.T
 
 
+def ref_greedy(w, cfg, ids, n, eos):
+    """The decode loop's greedy tokens after `ids`, at most n: each the argmax of ref_forward over
+    everything before it at positions 0.., the first never `eos`, none from an `eos` on."""
+    out = []
+    while len(out) < n:
+        logits = ref_forward(w, cfg, ids + out, list(range(len(ids) + len(out))))[-1]
+        if not out:
+            logits[eos] = float("-inf")
+        if int(logits.argmax()) == eos:
+            break
+        out.append(int(logits.argmax()))
+    return out
+
+
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()

@@ -19,11 +19,16 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import MODELS, REPO, STORIES, needs_stories
 from engine import ProgressBar, main, memory_advice
+from checkpoint import load_model
+from locret import random_heads, save_heads
+from methods import METHODS
 from parallelcomp import chunk_spans
+from reference import load_float64, ref_greedy
 from tokenizer import Tokenizer
 MODEL = ["--model", str(STORIES), "--device", "cpu"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -145,6 +150,22 @@ CHECKPOINT_ERRORS = {
                   r"model.safetensors: not a readable safetensors file \(.*incomplete metadata"),
     "corrupted": (lambda tmp: checkpoint(tmp, safetensors=garbled_header),
                   r"model.safetensors: not a readable safetensors file \(.*invalid JSON in header"),
+    # before 6d6fb5c these loaded and ran without a word
+    "a size as text": (lambda tmp: checkpoint(tmp, config={"hidden_size": "64"}),
+                       r"model/config.json: hidden_size must be a positive integer, not '64'$"),
+    "a negative RoPE base": (lambda tmp: checkpoint(tmp, config={"rope_theta": -10000.0}),
+                             r"model/config.json: rope_theta must be a positive number, not -10000.0$"),
+    "head_dim 0": (lambda tmp: checkpoint(tmp, config={"head_dim": 0}),
+                   r"model/config.json: head_dim must be a positive integer, not 0$"),
+    "a bias flag as text": (lambda tmp: checkpoint(tmp, config={"tie_word_embeddings": "true"}),
+                            r"model/config.json: tie_word_embeddings must be true or false, not 'true'$"),
+    # a hybrid layout that does not fit: before, ZeroDivisionError tracebacks or, for [3, 1], no full layer
+    "window 0": (lambda tmp: checkpoint(tmp, config={"hybrid_attention": {"window_tokens": 0}}),
+                 r"model/config.json: hybrid_attention.window_tokens must be at least 1$"),
+    "block 0": (lambda tmp: checkpoint(tmp, config={"hybrid_attention": {"pattern": "block", "block_tokens": 0}}),
+                r"model/config.json: hybrid_attention.block_tokens must be at least 1$"),
+    "full layers reversed": (lambda tmp: checkpoint(tmp, config={"hybrid_attention": {"full_layers": [3, 1]}}),
+                             r"model/config.json: hybrid_attention.full_layers must have 0 <= first <= last < 5$"),
 }
 
 
@@ -361,3 +382,121 @@ def test_summary_on_stderr_and_quiet(tmp_path, capsys):
     assert re.fullmatch(r"\[full\] prompt 13 tokens, prefill .* s, decode 8 tokens at .* tok/s, peak memory .* GiB\n",
                         err)
     assert run(capsys, "--prompt", prompt, *MODEL, "--max-new-tokens", 8, "--quiet") == (0, out, "")
+
+
+# ---------------------------------------------------------------------------- methods on the command line
+
+def json_run(capsys, *args):
+    code, out, err = run(capsys, *args, "--json")
+    assert (code, err) == (0, ""), err
+    return json.loads(out)
+
+
+LAYOUT = {"full_layers": [2, 2], "pattern": "window", "sink_tokens": 4, "window_tokens": 28}
+PER_ENTRY = 2 * 4 * 8 * 4  # stories260K: K and V of 4 KV heads of size 8, float32
+
+
+@needs_stories
+@pytest.mark.parametrize("flags, live", [
+    ((), 4 + 28),  # auto runs the method the checkpoint was trained for
+    (("--method", "hybrid"), 4 + 28),  # with the checkpoint's layout
+    (("--method", "hybrid", "--window-tokens", "20"), 4 + 20),  # the flag merged over the layout
+    (("--window-tokens", "20"), 4 + 20),  # under auto too
+])
+def test_a_hybrid_checkpoint_runs_its_layout(flags, live, tmp_path, capsys):
+    """A checkpoint whose config.json has a hybrid layout (one full layer, four sparse): its cache
+    holds every token in the full layer and sink + window ones in each sparse layer, as worked out
+    here. Before, auto exited 1 ("--config for method hybrid must be a HybridConfig") and --method
+    hybrid took the default layout (two full layers, a 1984-token window)."""
+    prompt = write(tmp_path / "p.txt", STORY * 30)
+    model = checkpoint(tmp_path, config={"hybrid_attention": LAYOUT})
+    result = json_run(capsys, "--prompt", prompt, "--model", model, "--device", "cpu", "--max-new-tokens", 4, *flags)
+    n = result["prompt_tokens"]
+    assert result["method"] == "hybrid" and n > 4 + 28
+    assert result["kv_bytes"] == (n + 4 * live) * PER_ENTRY and result["full_kv_bytes"] == 5 * n * PER_ENTRY
+
+
+@needs_stories
+def test_an_option_of_a_method_auto_does_not_run_here(tmp_path, capsys):
+    prompt = write(tmp_path / "p.txt", STORY)
+    assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, "--window-tokens", 20),
+                          r"^error: --window-tokens is an option of method hybrid, not auto \(full or parallelcomp "
+                          r"here\)$")
+
+
+def stories_heads(tmp_path):
+    """Random retaining heads for stories260K, for which none are shipped, in a file."""
+    save_heads(random_heads(load_model(STORIES, "cpu", torch.float32).config, 16), tmp_path / "heads.safetensors")
+    return tmp_path / "heads.safetensors"
+
+
+def no_bos(tmp_path):
+    """A copy of stories260K whose tokenizer adds no BOS, as the default model's."""
+    model = checkpoint(tmp_path)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    write(model / "tokenizer_config.json", json.dumps({**config, "add_bos_token": False}))
+    return model
+
+
+@needs_stories
+@pytest.mark.parametrize("method", METHODS)
+def test_an_empty_document_with_a_question(method, tmp_path, capsys):
+    """The question alone is the prompt, as in the Python API: the float64 greedy tokens after it,
+    whatever the method. Before, the command line refused the empty file and the API failed in
+    InfiniPot's embedding and in ParallelComp's scoring of its empty chunk."""
+    model, prompt = no_bos(tmp_path), write(tmp_path / "p.txt", "")
+    flags = ["--retaining-heads", stories_heads(tmp_path)] if method == "locret" else []
+    result = json_run(capsys, "--prompt", prompt, "--question", "What is it?", "--model", model, "--device", "cpu",
+                      "--method", method, "--max-new-tokens", 6, *flags)
+    ids = Tokenizer.from_dir(model).encode("\n\nWhat is it?")
+    assert result["prompt_tokens"] == len(ids)
+    assert result["tokens"] == ref_greedy(*load_float64(STORIES), ids, 6, eos=2)
+
+
+HEADS_FILES = {  # before, these ended in tracebacks from torch.load's unpickler (IndexError, KeyError: 101)
+    "text": ("heads.txt", b"retaining heads\nfor every layer\n"),
+    "csv": ("heads.csv", b"layer,fc1,fc2\n0,1,2\n"),
+    "empty bin": ("heads.bin", b""),
+    "bin of other bytes": ("heads.bin", b"eeeeeeee"),
+}
+
+
+@needs_stories
+@pytest.mark.parametrize("case", HEADS_FILES)
+def test_a_heads_file_that_is_not_heads(case, tmp_path, capsys):
+    name, data = HEADS_FILES[case]
+    heads = write(tmp_path / name, data)
+    prompt = write(tmp_path / "p.txt", SENTENCE * 30)
+    assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, "--method", "locret", "--retaining-heads", heads),
+                          rf"^error: \S+{re.escape(name)}: not a readable heads file \(\w+(: .*)?\)$")
+
+
+@needs_stories
+@pytest.mark.parametrize("flags, message", [
+    (("--method", "infinipot", "--pot-tokens", "100", "--pot-keep", "100"),
+     r"^error: --pot-keep must be below --pot-tokens \(100\)$"),
+    (("--method", "locret", "--budget", "100", "--stabilizers", "100"),
+     r"^error: --stabilizers must be at least 0 and below --budget \(100\)$"),
+    (("--method", "locret", "--budget", "256"),  # the tail and the answer would reach position 611 of 512
+     r"^error: --budget \(256\) \+ the prompt's last 100 tokens \+ --max-new-tokens \(256\) must fit in the "
+     r"model's 512-token window$"),
+    (("--method", "locret", "--max-new-tokens", "420"),
+     r"^error: the prompt's last 100 tokens and --max-new-tokens \(420\) leave no room for a cache in the model's "
+     r"512-token window$"),
+])
+def test_messages_name_every_option_by_its_flag(flags, message, tmp_path, capsys):
+    prompt = write(tmp_path / "p.txt", SENTENCE * 40)
+    heads = ["--retaining-heads", stories_heads(tmp_path)] if "locret" in flags else []
+    assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, *flags, *heads), message)
+
+
+@needs_stories
+def test_the_question_is_laid_out_the_same_given_or_taken_from_the_document(tmp_path, capsys):
+    """--question Q after a document, and the same document ending with the paragraph Q: the
+    same prompt, chunks and answer."""
+    question = "Where did the dog run with the ball?"
+    asked = (*MODEL, "--method", "parallelcomp", "--chunk-tokens", 150, "--top-k-chunks", 1, "--max-new-tokens", 4)
+    given = json_run(capsys, "--prompt", write(tmp_path / "a.txt", SENTENCE * 30), "--question", question, *asked)
+    taken = json_run(capsys, "--prompt", write(tmp_path / "b.txt", SENTENCE * 30 + "\n\n" + question), *asked)
+    for key in ("prompt_tokens", "chunks", "kept_spans", "tokens"):
+        assert given[key] == taken[key], key

@@ -1,4 +1,4 @@
-"""distributed.py: ParallelComp over two CPU processes (gloo) against one process and the float64
+"""distributed.py (and ranks.py): ParallelComp over two CPU processes (gloo) against one process and the float64
 reference forward (tests/reference.py).
 
 stories260K and the 4-chunk setup of test_parallelcomp.py (607 context tokens, chunk_tokens=152).
@@ -24,9 +24,11 @@ import torch.multiprocessing as mp
 
 import distributed
 from decoding import SamplingParams, decode
+from distributed import attention_lse
 from parallelcomp import Calibration, ChunkEncoder, ParallelCompConfig, chunk_spans
-from model import attention_lse, merge_lse
+from model import merge_lse
 from prefill import Prompt
+from ranks import decoded
 from reference import load_float64, ref_forward, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +75,7 @@ def run(model, prompt, config):
             out["own_tokens"] = decode(model, p, SamplingParams().sampler("cpu"), STEPS, {2}, False, lambda t: None)[0]
             out.update(k=p.cache.k.clone(), v=p.cache.v.clone(), lens=p.cache.lens.clone())  # 7 decoded tokens in
             return out["own_tokens"]
-        out["tokens"] = distributed.decoded(p, own_decode)
+        out["tokens"] = decoded(p, own_decode)
     return out
 
 
@@ -82,7 +84,7 @@ class FailingModel:
 
     def __init__(self, model, fail):
         self.model, self.fail, self.config, self.logits = model, fail, model.config, model.logits
-        self.device, self.dtype, self.prefill_bytes_per_token = model.device, model.dtype, model.prefill_bytes_per_token
+        self.device, self.dtype = model.device, model.dtype
 
     def __call__(self, tokens, positions, attend, observe=None):
         return self.model(tokens, positions, self.fail(attend, tokens), observe)
@@ -129,7 +131,7 @@ def worker(rank, rendezvous, folder):
                 used = FailingModel(model, fail) if rank == failing else model
                 p = distributed.prefill(used, prompt, config, STEPS)
                 if decodes:
-                    distributed.decoded(p, lambda: decode(used, p, SamplingParams().sampler("cpu"), STEPS, {2}, False,
+                    decoded(p, lambda: decode(used, p, SamplingParams().sampler("cpu"), STEPS, {2}, False,
                                                           lambda t: None))
             results["failures"][name] = None
         except Exception as e:
@@ -188,7 +190,7 @@ def test_partial_attentions_merge_to_one_softmax(monkeypatch):
     """attention_lse over three disjoint key sets (one empty, one hidden from some rows per KV
     head) merged by merge_lse equals a float64 softmax over the visible keys, row by row, in
     blocks of query rows too."""
-    monkeypatch.setattr("model.LSE_BLOCK", 2 * 8 * 18)  # blocks of 3 query rows over 12 keys, 2 over 18
+    monkeypatch.setattr("distributed.LSE_BLOCK", 2 * 8 * 18)  # blocks of 3 query rows over 12 keys, 2 over 18
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, t, 16, generator=g) for h, t in ((8, 5), (2, 30), (2, 30)))
     visible = torch.rand(1, 2, 5, 30, generator=g) > 0.3  # (1, H_kv, Tq, Tk)

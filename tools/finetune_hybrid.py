@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from budget import StepBudget  # noqa: E402  (tools/, the script's own folder)
-from checkpoint import checkpoint_tensors, load_model, read_json  # noqa: E402
+from checkpoint import checkpoint_tensors, load_model, read_hf_config  # noqa: E402
 from hybrid import CONFIG_KEY, SparseSlots  # noqa: E402
 from methods import add_options, config_from, given_options  # noqa: E402
 from model import attention, rope_frequencies  # noqa: E402
@@ -162,7 +162,7 @@ def save_checkpoint(model, source, out, config, seq):
     tensors = {name: (params[param] if rows is None else params[param][rows]).detach().to(torch.bfloat16)
                      .contiguous().cpu() for name, (param, rows, _) in checkpoint_tensors(model.config).items()}
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    hf = read_json(source / "config.json")
+    hf = read_hf_config(source)
     full = config.full_range(model.config.n_layers)
     pattern = {f.name: getattr(config, f.name) for f in fields(config)} | {"full_layers": [full.start, full.stop - 1]}
     hf.update(rope_theta=model.config.rope_theta, torch_dtype="bfloat16", **{CONFIG_KEY: pattern},
