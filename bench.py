@@ -127,8 +127,8 @@ def bench_engine(model, context, label, method, config, bandwidth, matmul_rate):
             seconds = time.perf_counter() - start
             prefill_memory = torch.cuda.max_memory_allocated()
             cached = prefilled.cache.lens.max().item()
-            decoder = Decoder(model, prefilled.cache, int(prefilled.logits.argmax()), prefilled.next_position,
-                              DECODE_STEPS, SamplingParams().sampler("cuda"), True)
+            decoder = Decoder(prefilled.model or model, prefilled.cache, int(prefilled.logits.argmax()),
+                              prefilled.next_position, DECODE_STEPS, SamplingParams().sampler("cuda"), True)
             decode = timed(lambda: decoder.run(TIMED_STEPS), REPEATS) / TIMED_STEPS
     except MemoryShortage as e:
         return dict(row, error=str(e))

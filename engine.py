@@ -235,7 +235,8 @@ class Engine:
             times.append(time.perf_counter())
             emit(streamer.push(token))
 
-        tokens, interrupted = decode(self.model, prefilled, sampling.sampler(self.device), max_new_tokens,
+        model = prefilled.model or self.model  # a method may decode on its own view of the model (yarn)
+        tokens, interrupted = decode(model, prefilled, sampling.sampler(self.device), max_new_tokens,
                                      self.tokenizer.eos_ids, cuda_graph, on_token)
         emit(streamer.flush())
         end = time.perf_counter()
