@@ -23,15 +23,13 @@ import torch
 from safetensors import safe_open
 
 from checkpoint import load_model
-from conftest import REPO, hf_config, random_tensors
+from conftest import QWEN25, REPO, hf_config, needs_qwen25, random_tensors
 from reference import ref_forward, rel_err
 from tokenizer import Tokenizer
-from weights import WeightsError, embedded_model
+from weights import WeightsError
 from weights.gguf_checkpoint import EmbeddedModel, Part, ensure, hf_name, unpermute_rotary_rows
 
 CASES = json.loads((REPO / "tests" / "fixtures" / "qwen_tokenizer_cases.json").read_text(encoding="utf-8"))
-QWEN_DIR = embedded_model("qwen2.5-1.5b").dest
-needs_qwen = pytest.mark.skipif(not QWEN_DIR.is_dir(), reason=f"{QWEN_DIR} is absent (python -m weights qwen2.5-1.5b)")
 N_PARTS = 3
 
 # Hugging Face name -> (GGUF name, the type the test writes it in)
@@ -274,15 +272,15 @@ def test_tokenizer_special_tokens_and_chat(qwen2_tiny):
 
 # ---------------------------------------------------------------------------- the real Qwen2.5-1.5B, when converted here
 
-@needs_qwen
+@needs_qwen25
 @pytest.mark.parametrize("case", CASES["cases"], ids=lambda case: case["text"][:20])
 def test_real_qwen_tokenizer(case):
-    assert Tokenizer.from_dir(QWEN_DIR).encode(case["text"]) == case["ids"]
+    assert Tokenizer.from_dir(QWEN25).encode(case["text"]) == case["ids"]
 
 
-@needs_qwen
+@needs_qwen25
 def test_real_qwen_checkpoint():
-    config = json.loads((QWEN_DIR / "config.json").read_text())
+    config = json.loads((QWEN25 / "config.json").read_text())
     assert {k: config[k] for k in ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
                                    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
                                    "rms_norm_eps", "rope_theta", "vocab_size", "tie_word_embeddings",
@@ -291,7 +289,7 @@ def test_real_qwen_checkpoint():
         "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "head_dim": 128,
         "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "vocab_size": 151936,
         "tie_word_embeddings": False, "eos_token_id": 151645}
-    with safe_open(QWEN_DIR / "model.safetensors", "pt") as f:
+    with safe_open(QWEN25 / "model.safetensors", "pt") as f:
         names = set(f.keys())
         assert len(names) == 3 + 28 * 12 and "lm_head.weight" in names
         assert "model.layers.0.self_attn.k_proj.bias" in names and "model.layers.0.self_attn.o_proj.bias" not in names
