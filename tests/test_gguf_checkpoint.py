@@ -26,8 +26,8 @@ from checkpoint import load_model
 from conftest import QWEN25, REPO, hf_config, needs_qwen25, random_tensors
 from reference import ref_forward, rel_err
 from tokenizer import Tokenizer
-from weights import WeightsError
-from weights.gguf_checkpoint import EmbeddedModel, Part, ensure, hf_name, unpermute_rotary_rows
+from weights import EmbeddedModel, Part, WeightsError
+from weights.gguf_checkpoint import ensure, hf_name, unpermute_rotary_rows
 
 CASES = json.loads((REPO / "tests" / "fixtures" / "qwen_tokenizer_cases.json").read_text(encoding="utf-8"))
 N_PARTS = 3
@@ -39,7 +39,8 @@ BLOCK = {"input_layernorm.weight": ("attn_norm.weight", "F32"), "self_attn.q_pro
          "self_attn.k_proj.weight": ("attn_k.weight", "Q8_0"), "self_attn.v_proj.weight": ("attn_v.weight", "F16"),
          "self_attn.q_proj.bias": ("attn_q.bias", "F32"), "self_attn.k_proj.bias": ("attn_k.bias", "F32"),
          "self_attn.v_proj.bias": ("attn_v.bias", "F32"), "self_attn.o_proj.weight": ("attn_output.weight", "Q8_0"),
-         "post_attention_layernorm.weight": ("ffn_norm.weight", "F32"), "mlp.gate_proj.weight": ("ffn_gate.weight", "Q8_0"),
+         "post_attention_layernorm.weight": ("ffn_norm.weight", "F32"),
+         "mlp.gate_proj.weight": ("ffn_gate.weight", "Q8_0"),
          "mlp.up_proj.weight": ("ffn_up.weight", "F16"), "mlp.down_proj.weight": ("ffn_down.weight", "Q8_0")}
 
 
@@ -179,7 +180,8 @@ def test_converted_config(converted):
         assert config[key] == cfg[key], key
     assert config["torch_dtype"] == "float32" and config["rope_scaling"] is None
     tokens = CASES["cut"]["tokens"]
-    assert (config["bos_token_id"], config["eos_token_id"]) == (tokens.index("<|endoftext|>"), tokens.index("<|im_end|>"))
+    assert config["bos_token_id"] == tokens.index("<|endoftext|>")
+    assert config["eos_token_id"] == tokens.index("<|im_end|>")
     assert json.loads((converted.dir / "generation_config.json").read_text()) == {
         "bos_token_id": tokens.index("<|endoftext|>"),
         "eos_token_id": [tokens.index("<|im_end|>"), tokens.index("<|endoftext|>")]}
@@ -270,7 +272,7 @@ def test_tokenizer_special_tokens_and_chat(qwen2_tiny):
     assert tok.decode(tok.encode("<|im_start|>hi")) == "hi"  # special: skipped
 
 
-# ---------------------------------------------------------------------------- the real Qwen2.5-1.5B, when converted here
+# ---------------------------------------------------------------------------- the real Qwen2.5-1.5B, if converted
 
 @needs_qwen25
 @pytest.mark.parametrize("case", CASES["cases"], ids=lambda case: case["text"][:20])

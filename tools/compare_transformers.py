@@ -99,7 +99,8 @@ def reference_tokenizer(tokens, types, merges):
     """transformers' Qwen2Tokenizer on this vocabulary, with its added tokens as the original has them."""
     from transformers import AddedToken, Qwen2Tokenizer
     tok = Qwen2Tokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges])
-    control = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == gguf.TokenType.CONTROL]
+    control = [AddedToken(t, special=True, normalized=False)
+               for t, k in zip(tokens, types) if k == gguf.TokenType.CONTROL]
     tok.add_special_tokens({"additional_special_tokens": control}, replace_extra_special_tokens=False)
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, k in zip(tokens, types) if k == gguf.TokenType.USER_DEFINED])
@@ -110,7 +111,7 @@ def cut_vocabulary(tokens, types, merges):
     """The first CUT tokens, the merges among them and the added tokens (CONTROL, USER_DEFINED) after them."""
     added = [(t, k) for t, k in zip(tokens, types) if k in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)]
     kept = set(tokens[:CUT])
-    cut_merges = [m for m in merges if m.split(" ")[0] in kept and m.split(" ")[1] in kept and m.replace(" ", "") in kept]
+    cut_merges = [m for m in merges if all(t in kept for t in (*m.split(" "), m.replace(" ", "")))]
     return tokens[:CUT] + [t for t, _ in added], types[:CUT] + [k for _, k in added], cut_merges
 
 
@@ -120,7 +121,8 @@ def tokenizer_cases(args, work: Path):
     reader = gguf.GGUFReader(path)
     meta = {key: reader.fields[key].contents() for key in
             ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.chat_template")}
-    tokens, types, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"], meta["tokenizer.ggml.merges"]
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    merges, template = meta["tokenizer.ggml.merges"], meta["tokenizer.chat_template"]
     full = reference_tokenizer(tokens, types, merges)
     cut_tokens, cut_types, cut_merges = cut_vocabulary(tokens, types, merges)
     cut = reference_tokenizer(cut_tokens, cut_types, cut_merges)
@@ -137,10 +139,10 @@ def tokenizer_cases(args, work: Path):
         if loader.encode(text, add_special_tokens=False) != case["ids"]:
             print(f"transformers' GGUF tokenizer differs (no NFC) on {text!r}")
         cases.append(case)
-    chat = full.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True, chat_template=meta["tokenizer.chat_template"])
+    chat = full.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True, chat_template=template)
     fixture = dict(source=f"{NAME}, GGUF sha256 {embedded_model(NAME).gguf_sha256}, tools/compare_transformers.py",
                    cut=dict(tokens=cut_tokens, token_types=cut_types, merges=cut_merges),
-                   chat_template=meta["tokenizer.chat_template"], chat=dict(messages=CHAT, text=chat), cases=cases)
+                   chat_template=template, chat=dict(messages=CHAT, text=chat), cases=cases)
     args.out.write_text(json.dumps(fixture, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
     print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes): {len(cases)} cases, {len(cut_tokens)} tokens, "
           f"{len(cut_merges)} merges")

