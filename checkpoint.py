@@ -95,7 +95,8 @@ def check_config(c, path):
     bad = [k for k in OPTIONAL_ROPE_KEYS.get(c.rope_type, ())
            if c.rope_scaling.get(k) is not None and not isinstance(c.rope_scaling[k], (int, float))]
     if bad:
-        raise CheckpointError(f"{path}: rope_scaling of type {c.rope_type}: {', '.join(bad)} must be a number or null")
+        raise CheckpointError(f"{path}: rope_scaling of type {c.rope_type}: {', '.join(bad)} must be a number "
+                              "or null")
     yarn = c.rope_scaling if c.rope_type == "yarn" else {}
     if yarn and (yarn["factor"] < 1 or not isinstance(yarn.get("truncate", True), bool)):
         raise CheckpointError(f"{path}: rope_scaling of type yarn needs a factor of at least 1 and truncate "

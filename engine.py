@@ -267,8 +267,8 @@ def parse_args(argv):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompt", required=True, help="text file with the document, or - for stdin")
     p.add_argument("--question", help="question about the document (default: its last paragraph when it is long)")
-    p.add_argument("--model", default=DEFAULT,
-                   help=f"a Hugging Face checkpoint directory, or an embedded model fetched on first use: {', '.join(MODELS)}")
+    p.add_argument("--model", default=DEFAULT, help="a Hugging Face checkpoint directory, or an embedded model "
+                                                    f"fetched on first use: {', '.join(MODELS)}")
     p.add_argument("--method", choices=(AUTO, *METHODS), default=AUTO,
                    help="auto = full attention when the prompt fits the trained window, else parallelcomp")
     p.add_argument("--max-new-tokens", type=int, default=256)

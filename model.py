@@ -88,7 +88,8 @@ def yarn_frequencies(config, inv_freq):
     """YaRN (Peng et al., arXiv 2309.00071), as Hugging Face reads its rope_scaling: a dimension pair
     that turns fewer than beta_slow (1) times over the original window is slowed by `factor`, one
     that turns more than beta_fast (32) times is kept, and a ramp in the pair's index blends those
-    between (its ends rounded outwards unless `truncate` is false)."""
+    between (its ends rounded outwards unless `truncate` is false). Unlike Hugging Face, `factor`
+    must be given (it does not default to the ratio of the two windows)."""
     s, d = config.rope_scaling, config.head_dim
     window = s.get("original_max_position_embeddings", config.max_position_embeddings)
 
@@ -106,10 +107,11 @@ def yarn_frequencies(config, inv_freq):
 def rope_temperature(config):
     """The factor YaRN scales cos and sin by, so q·k by its square: `attention_factor`, else
     0.1 ln(factor) + 1, or that formula's ratio at `mscale` and `mscale_all_dim` when both are
-    given (DeepSeek's configs). 1 for every other RoPE."""
-    s = config.rope_scaling or {}
+    given (DeepSeek's configs; their attention layers also scale q·k by mscale_all_dim, which a
+    Llama or Qwen2 has no use for). 1 for every other RoPE."""
     if config.rope_type != "yarn":
         return 1.0
+    s = config.rope_scaling
     if s.get("attention_factor") is not None:
         return float(s["attention_factor"])
 

@@ -23,7 +23,8 @@ def parser(doc, out, methods):
     (default `methods`) and every method's options."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", help=f"checkpoint directory, or an embedded model: {', '.join(MODELS)} (default: {DEFAULT})")
+    p.add_argument("--model", help=f"checkpoint directory, or an embedded model: {', '.join(MODELS)} "
+                                   f"(default: {DEFAULT})")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--out", default=out, help="prefix of the files written: PREFIX.json, PREFIX_*.png")
     p.add_argument("--methods", nargs="+", default=methods, metavar="METHOD[:FLAG=VALUE,...]",

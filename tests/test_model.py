@@ -282,7 +282,8 @@ def test_yarn_rope_against_the_float64_formula(scaling, tmp_path):
 
 
 def transformers_config(cfg):
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed (not in requirements-dev.txt)")
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed "
+                                                              "(requirements-dev.txt does not list it)")
     return getattr(transformers, cfg["architectures"][0].replace("ForCausalLM", "Config"))(**cfg)
 
 
