@@ -4,16 +4,17 @@
     python bench.py --model prolong-8b --contexts 65536 131072 262144 524288 \
         --methods full parallelcomp:chunk-tokens=8192 --no-transformers --out bench_prolong.json
 
-Models: SmolLM2-135M (the embedded checkpoint; `both` is it and llama3-8b) and models with random
-bf16 weights made on the GPU in the shapes of Llama-3-8B (8K window), Llama-3.1-8B (128K) and
-ProLong-8B-512K (Llama-3-8B with RoPE base 1.28e8 and a 512K window). A model without shipped
-Locret heads gets random ones of Locret's published shape (1024 wide): speed does not depend on
-their values. For each context length and method it measures prefill time (after a warm-up on
-the prompt's first tokens, which builds the attention plans of its shapes) and decode time per
-token with CUDA graphs, and prints each beside its floor: prefill FLOPs over the bf16 matmul
-rate, decode bytes (weights + KV read per token) over the copy bandwidth, both measured in the
-same run. A length whose cache does not fit is a row saying so. transformers' LlamaForCausalLM
-(sdpa) runs the same shapes when it is installed, twice: eager with its dynamic cache, as it runs
+Models: the embedded checkpoints, SmolLM2-135M (`smollm2`) and Qwen2.5-Coder-1.5B (`qwen2.5-1.5b`),
+fetched on first use (`both` is smollm2 and llama3-8b), and models with random bf16 weights made on
+the GPU in the shapes of Llama-3-8B (8K window), Llama-3.1-8B (128K) and ProLong-8B-512K
+(Llama-3-8B with RoPE base 1.28e8 and a 512K window). A model without shipped Locret heads gets
+random ones of Locret's published shape (1024 wide): speed does not depend on their values. For
+each context length and method it measures prefill time (after a warm-up on the prompt's first
+tokens, which builds the attention plans of its shapes) and decode time per token with CUDA
+graphs, and prints each beside its floor: prefill FLOPs over the bf16 matmul rate, decode bytes
+(weights + KV read per token) over the copy bandwidth, both measured in the same run. A length
+whose cache does not fit is a row saying so. transformers (its class for the checkpoint, sdpa)
+runs the same shapes when it is installed, twice: eager with its dynamic cache, as it runs
 by default, and in the fast path its documentation recommends (a StaticCache, each decode step
 compiled with torch.compile's reduce-overhead mode; the compile timed apart).
 """
@@ -31,6 +32,7 @@ from locret import random_heads, ships_heads
 from methods import METHODS, add_options, parse_specs
 from model import ModelConfig, build_model
 from prefill import MemoryShortage, Prompt
+from weights import MODELS, resolve
 
 LLAMA3_8B = ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                         ffn_dim=14336, norm_eps=1e-5, rope_theta=500000.0, rope_scaling=None,
@@ -150,8 +152,8 @@ def bench_engine(model, context, label, method, overrides, bandwidth, matmul_rat
             seconds = time.perf_counter() - start
             prefill_memory = torch.cuda.max_memory_allocated()
             cached = prefilled.cache.lens.max().item()
-            decoder = Decoder(model, prefilled.cache, int(prefilled.logits.argmax()), prefilled.next_position,
-                              DECODE_STEPS, SamplingParams().sampler("cuda"), True)
+            decoder = Decoder(prefilled.model or model, prefilled.cache, int(prefilled.logits.argmax()),
+                              prefilled.next_position, DECODE_STEPS, SamplingParams().sampler("cuda"), True)
             decode = timed(lambda: decoder.run(TIMED_STEPS), REPEATS) / TIMED_STEPS
     except MemoryShortage as e:
         return dict(row, error=str(e))
@@ -169,9 +171,9 @@ def bench_engine(model, context, label, method, overrides, bandwidth, matmul_rat
 # ---------------------------------------------------------------------------- transformers
 
 def transformers_model(c, checkpoint):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
     if checkpoint:
-        return LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
     hf = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
                      num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
                      head_dim=c.head_dim, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
@@ -277,7 +279,7 @@ def table(rows):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", nargs="+", choices=("smollm2", *RANDOM_SHAPES, "both"), default=["both"])
+    p.add_argument("--model", nargs="+", choices=(*MODELS, *RANDOM_SHAPES, "both"), default=["both"])
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--methods", nargs="+", default=["full", "parallelcomp"], metavar="METHOD[:FLAG=VALUE,...]",
                    help="methods of the table, each in the settings after its colon")
@@ -303,9 +305,8 @@ def main():
 
     names = [n for name in args.model for n in (("smollm2", "llama3-8b") if name == "both" else (name,))]
     for name in dict.fromkeys(names):
-        if name == "smollm2":
-            from weights.smollm2 import ensure_default_model
-            checkpoint = ensure_default_model()
+        if name in MODELS:
+            checkpoint = resolve(name)
             model = load_model(checkpoint, "cuda", torch.bfloat16)
         else:
             checkpoint = None

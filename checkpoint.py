@@ -17,8 +17,12 @@ from safetensors import SafetensorError, safe_open
 from model import ModelConfig, build_model
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+# rope_scaling type -> the numbers it needs, and those it may give (a number or null)
 ROPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
-             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+             "yarn": ("factor",)}
+OPTIONAL_ROPE_KEYS = {"yarn": ("original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+                               "mscale", "mscale_all_dim")}
 
 
 class CheckpointError(Exception):
@@ -114,6 +118,15 @@ def check_config(c, path):
     if missing:
         raise CheckpointError(f"{path}: rope_scaling of type {c.rope_type} needs a number for "
                               f"{', '.join(missing)}")
+    bad = [k for k in OPTIONAL_ROPE_KEYS.get(c.rope_type, ())
+           if c.rope_scaling.get(k) is not None and not isinstance(c.rope_scaling[k], (int, float))]
+    if bad:
+        raise CheckpointError(f"{path}: rope_scaling of type {c.rope_type}: {', '.join(bad)} must be a number "
+                              "or null")
+    yarn = c.rope_scaling if c.rope_type == "yarn" else {}
+    if yarn and (yarn["factor"] < 1 or not isinstance(yarn.get("truncate", True), bool)):
+        raise CheckpointError(f"{path}: rope_scaling of type yarn needs a factor of at least 1 and truncate "
+                              "true or false")
 
 
 def checkpoint_tensors(config):

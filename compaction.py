@@ -28,13 +28,13 @@ class RawKeyCache(KVCache):
             self.k_raw[layer, :, :, start:start + T] = k
         return observe
 
-    def compact(self, keep, inv_freq):
+    def compact(self, keep, rope):
         """Keep, in each layer and KV head, the sorted slots keep (L, H_kv, n), moved to slots
-        0..n-1 with RoPE positions 0..n-1 (batch 1)."""
+        0..n-1 with RoPE positions 0..n-1 (batch 1); rope: the model's Llama.rope."""
         n = keep.shape[-1]
         index = keep[:, None, :, :, None].expand(-1, 1, -1, -1, self.k.shape[-1])
         self.v[:, :, :, :n] = self.v.gather(3, index)
         self.k_raw[:, :, :, :n] = self.k_raw.gather(3, index)
-        angles = torch.arange(n, device=keep.device)[:, None].double() * inv_freq  # (n, D/2)
-        self.k[:, :, :, :n] = apply_rope(self.k_raw[:, :, :, :n], angles.cos().float(), angles.sin().float())
+        cos, sin = rope(torch.arange(n, device=keep.device)[None])  # (1, 1, n, D/2)
+        self.k[:, :, :, :n] = apply_rope(self.k_raw[:, :, :, :n], cos, sin)
         self.lens.fill_(n)

@@ -4,6 +4,7 @@
 
     from engine import Engine
     engine = Engine()                       # the embedded SmolLM2-135M-Instruct
+    engine = Engine("qwen2.5-1.5b")         # the embedded Qwen2.5-Coder-1.5B-Instruct, or a checkpoint directory
     print(engine.generate(document, question="...").text)
 
 Prefill is plain causal attention when the prompt fits the model's trained window and
@@ -31,7 +32,7 @@ from methods import (AUTO, AUTO_CANDIDATES, AUTO_FITS, AUTO_LONG, METHODS, add_o
 from prefill import MemoryShortage, OptionError, Prompt
 from ranks import RankError
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError
-from weights import WeightsError
+from weights import DEFAULT, MODELS, WeightsError, resolve
 
 QUESTION_CAP = 256  # tokens of the last paragraph that stand in for a missing question
 QUESTION_SEPARATOR = "\n\n"  # before the question, given on the command line or taken from the document
@@ -102,9 +103,7 @@ class Engine:
 
     def __init__(self, model_dir=None, device=None, dtype=None, log=lambda msg: None):
         self.device = resolve_device(ranks.init(device))  # under torchrun: this process's GPU
-        if model_dir is None:
-            from weights.smollm2 import ensure_default_model  # gguf and numpy only for the default model
-            model_dir = ranks.rank0_first(ensure_default_model, log)
+        model_dir = ranks.rank0_first(resolve, model_dir, log)  # a model's name: fetched on first use
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         hf = ranks.checked(read_hf_config, model_dir)  # config.json, read once for the model, tokenizer and methods
         self.model = ranks.checked(load_model, model_dir, self.device, self.dtype, hf)
@@ -271,7 +270,8 @@ class Engine:
             times.append(time.perf_counter())
             emit(streamer.push(token))
 
-        tokens, interrupted = decode(self.model, prefilled, sampling.sampler(self.device), max_new_tokens,
+        model = prefilled.model or self.model  # a method may decode on its own view of the model (yarn)
+        tokens, interrupted = decode(model, prefilled, sampling.sampler(self.device), max_new_tokens,
                                      self.tokenizer.eos_ids, cuda_graph, on_token)
         emit(streamer.flush())
         end = time.perf_counter()
@@ -303,7 +303,8 @@ def parse_args(argv):
     p.add_argument("--prompt", required=True, help="text file with the document, or - for stdin")
     p.add_argument("--question", help="question about the document, asked after a blank line (default: its last "
                                       "paragraph when it is long); with it the document may be empty")
-    p.add_argument("--model", help="Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct, fetched on first use)")
+    p.add_argument("--model", default=DEFAULT, help="a Hugging Face checkpoint directory, or an embedded model "
+                                                    f"fetched on first use: {', '.join(MODELS)}")
     p.add_argument("--method", choices=(AUTO, *METHODS), default=AUTO,
                    help="auto = the method a checkpoint was trained for (hybrid), else full attention when the "
                         "prompt fits the trained window, else parallelcomp; a method's options apply when it runs")

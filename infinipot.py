@@ -183,7 +183,7 @@ def distil(model, cache, nll, catalyst, C, T):
     """Distil the full pot (nll (L, H_kv, n): its entries' NuC) to C entries per layer and KV
     head at slots and positions 0..C-1 (CR-RoPE); nll[..., :C] follows. Returns the kept slots."""
     keep = select(nll, cap_scores(model, cache, catalyst, nll.shape[-1]), C, T)
-    cache.compact(keep, model.inv_freq)
+    cache.compact(keep, model.rope)
     nll[..., :C] = nll.gather(-1, keep)
     return keep
 

@@ -256,7 +256,7 @@ class RetainedCache:
         score = self.score[..., :self.n].clone()
         score[..., self.n - stabilizers:self.n] = float("inf")
         keep = score.argsort(dim=-1, stable=True)[..., self.n - budget:].sort(dim=-1).values  # (L, H_kv, B)
-        self.kv.compact(keep, self.model.inv_freq)
+        self.kv.compact(keep, self.model.rope)
         self.score[..., :budget] = self.score.gather(-1, keep)
         self.origin[..., :budget] = self.origin.gather(-1, keep)
         self.n = budget

@@ -47,6 +47,7 @@ METHODS = {
                        "the first and last halves of what the trained window leaves"),
     "streaming": Method(baselines.prefill_streaming, baselines.BaselineConfig, False,
                         "StreamingLLM: attention sinks and a recent window"),
+    "yarn": Method(baselines.prefill_yarn, baselines.YarnConfig, False, "full attention with YaRN"),
     "infinipot": Method(infinipot.prefill, infinipot.InfiniPotConfig, False,
                         "InfiniPot: a fixed-size pot distilled by novelty and a catalyst prompt's attention",
                         prepare=infinipot.InfiniPotConfig.prepared, memory_options=("pot_tokens",)),

@@ -6,8 +6,9 @@ sees: a static KV cache for plain prefill and decoding, chunk caches and the que
 parallelcomp.py. Keys reach `attend` already rotated, so a cached key keeps its position.
 """
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -60,7 +61,7 @@ class ModelConfig:
 # ---------------------------------------------------------------------------- RoPE
 
 def rope_frequencies(config):
-    """Inverse frequencies (head_dim/2,) in float64, with linear or Llama-3.1 scaling applied.
+    """Inverse frequencies (head_dim/2,) in float64, with linear, Llama-3.1 or YaRN scaling applied.
 
     Angles (position * frequency) are formed in float64: in float32, the frequency's rounding
     (2^-24 relative) and the product's (an ulp is 0.03 rad just below 2^19) each move an angle
@@ -77,7 +78,48 @@ def rope_frequencies(config):
         wavelen = 2 * math.pi / inv_freq
         blend = ((old_window / wavelen - low) / (high - low)).clamp(0, 1)
         inv_freq = (1 - blend) * inv_freq / factor + blend * inv_freq
+    elif config.rope_type == "yarn":
+        inv_freq = yarn_frequencies(config, inv_freq)
     return inv_freq
+
+
+def yarn_frequencies(config, inv_freq):
+    """YaRN (Peng et al., arXiv 2309.00071), as Hugging Face reads its rope_scaling: a dimension pair
+    that turns fewer than beta_slow (1) times over the original window is slowed by `factor`, one
+    that turns more than beta_fast (32) times is kept, and a ramp in the pair's index blends those
+    between (its ends rounded outwards unless `truncate` is false). Unlike Hugging Face, `factor`
+    must be given (it does not default to the ratio of the two windows)."""
+    s, d = config.rope_scaling, config.head_dim
+    window = s.get("original_max_position_embeddings", config.max_position_embeddings)
+
+    def pair_turning(turns):  # the (fractional) pair index whose wavelength fits `turns` times in the window
+        return d * math.log(window / (turns * 2 * math.pi)) / (2 * math.log(config.rope_theta))
+
+    low, high = pair_turning(s.get("beta_fast") or 32), pair_turning(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low or 1e-3)).clamp(0, 1)
+    return (1 - ramp) * inv_freq + ramp * inv_freq / s["factor"]
+
+
+def rope_temperature(config):
+    """The factor YaRN scales cos and sin by, so q·k by its square: `attention_factor`, else
+    0.1 ln(factor) + 1, or that formula's ratio at `mscale` and `mscale_all_dim` when both are
+    given (DeepSeek's configs; their attention layers also scale q·k by mscale_all_dim, which a
+    Llama or Qwen2 has no use for). 1 for every other RoPE."""
+    if config.rope_type != "yarn":
+        return 1.0
+    s = config.rope_scaling
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+
+    def mscale(scale=1.0):
+        return 1.0 if s["factor"] <= 1 else 0.1 * scale * math.log(s["factor"]) + 1.0
+
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(s["mscale"]) / mscale(s["mscale_all_dim"])
+    return mscale()
 
 
 def dynamic_ntk_frequencies(config, inv_freq, positions):
@@ -342,6 +384,30 @@ class Llama(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        self.rope_temperature = rope_temperature(config)
+
+    def rope(self, positions, temperature=True):
+        """cos, sin (B, 1, T, D/2) float32 of RoPE at positions (B, T): every rotation of q and k
+        takes them from here. The angles are formed in float64 (rope_frequencies says why), and
+        YaRN's temperature scales both unless temperature=False, for keys that already carry it
+        and are only turned by a relative angle (baselines.shift_back)."""
+        inv_freq = self.inv_freq
+        if self.config.rope_type == "dynamic":
+            inv_freq = dynamic_ntk_frequencies(self.config, inv_freq, positions)
+        angles = positions[:, None, :, None].double() * inv_freq  # (B, 1, T, D/2)
+        scale = self.rope_temperature if temperature else 1.0
+        return (angles.cos() * scale).float(), (angles.sin() * scale).float()
+
+    def with_rope_scaling(self, rope_scaling, max_position_embeddings):
+        """This model under another RoPE scaling and window (YaRN on a checkpoint trained without
+        it, baselines.prefill_yarn): a Llama sharing every module, so every parameter, with its own
+        config, frequencies and temperature. Nothing is copied."""
+        view = copy.copy(self)
+        view._buffers = dict(self._buffers)  # its own inv_freq; _modules, and with them the weights, shared
+        view.config = replace(self.config, rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings)
+        view.inv_freq = rope_frequencies(view.config).to(self.device)
+        view.rope_temperature = rope_temperature(view.config)
+        return view
 
     def forward(self, tokens, positions, attend, observe=None):
         """tokens, positions (B, T) -> final-norm hidden states (B, T, dim).
@@ -350,11 +416,7 @@ class Llama(nn.Module):
         observe(layer, qkv), when given, sees each layer's fused projection (B, T, (H + 2 H_kv) D)
         before RoPE: the raw keys that a compacted cache re-rotates, what trained scorers read.
         """
-        inv_freq = self.inv_freq
-        if self.config.rope_type == "dynamic":
-            inv_freq = dynamic_ntk_frequencies(self.config, inv_freq, positions)
-        angles = positions[:, None, :, None].double() * inv_freq  # (B, 1, T, D/2)
-        cos, sin = angles.cos().float(), angles.sin().float()
+        cos, sin = self.rope(positions)
         x = self.embed(tokens).float()  # the residual stream stays in float32 whatever the weights' dtype
         fast = self.kernels_for(x)
         # one token in six kernels a layer; not with `observe`, which sees q/k/v before RoPE, which they fuse

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import KVCache
+from model import KVCache, Llama
 
 PREFILL_PIECE = {"cuda": 8192, "cpu": 2048}  # tokens per causal-prefill forward
 
@@ -83,6 +83,7 @@ class Prefilled:
     logits: torch.Tensor  # (vocab,) float32 at the prompt's last token
     next_position: int  # RoPE position of the first generated token
     stats: dict
+    model: Llama | None = None  # the model the decode loop continues with; None: the one that prefilled
 
 
 def prefill_piece(device):

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import Engine  # noqa: E402
 from methods import METHODS, add_options, parse_specs  # noqa: E402
+from weights import DEFAULT, MODELS  # noqa: E402
 
 
 def parser(doc, out, methods):
@@ -22,7 +23,8 @@ def parser(doc, out, methods):
     (default `methods`) and every method's options."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help=f"checkpoint directory, or an embedded model: {', '.join(MODELS)} "
+                                   f"(default: {DEFAULT})")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--out", default=out, help="prefix of the files written: PREFIX.json, PREFIX_*.png")
     p.add_argument("--methods", nargs="+", default=methods, metavar="METHOD[:FLAG=VALUE,...]",

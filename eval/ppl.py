@@ -62,7 +62,7 @@ def run(engine, tokens, lengths, target_len, query_len, methods, rows):
                 prompt = context_prompt(engine, name, tokens[end - n:end], query_len)
                 config = engine.method_config(name, overrides=overrides)
                 prefilled = METHODS[name].prefill(engine.model, prompt, config, target_len)
-                nll = continuation_nll(engine.model, prefilled, target)
+                nll = continuation_nll(prefilled.model or engine.model, prefilled, target)
             rows.append(dict(context_tokens=n, method=method, nll=nll, ppl=math.exp(nll),
                              seconds=time.perf_counter() - start))
             log(f"N={n} {method}: ppl {rows[-1]['ppl']:.2f}")

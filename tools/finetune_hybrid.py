@@ -52,6 +52,7 @@ from hybrid import CONFIG_KEY, SparseSlots  # noqa: E402
 from methods import add_options, config_from, given_options  # noqa: E402
 from model import attention, rope_frequencies  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
+from weights import resolve  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BOOKS, ESSAYS = SHARED / "books", SHARED / "essays" / "paul_graham_essays.json"
@@ -200,9 +201,7 @@ def main(argv=None):
     log = functools.partial(print, flush=True)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.model is None:
-        from weights.smollm2 import ensure_default_model
-        args.model = ensure_default_model(log)
+    args.model = resolve(args.model, log)
     model = load_model(args.model, device, torch.float32).requires_grad_(True)
     config = config_from("hybrid", given_options(args))
     config.validate(model.config)

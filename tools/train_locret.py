@@ -61,6 +61,7 @@ from locret import (LOCAL_TOKENS, LocretConfig, prefill, random_heads, retain, r
                     save_heads, scores_and_labels, tail_length, with_heads)
 from prefill import Prompt  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
+from weights import resolve  # noqa: E402
 
 BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
 TRAIN_BOOKS = ("pride_and_prejudice.txt", "frankenstein.txt")
@@ -281,9 +282,7 @@ def main(argv=None):
     log = functools.partial(print, flush=True)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.model is None:
-        from weights.smollm2 import ensure_default_model
-        args.model = ensure_default_model(log)
+    args.model = resolve(args.model, log)
     model = load_model(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer, window = Tokenizer.from_dir(args.model), model.config.max_position_embeddings
     layout = Layout(tokenizer)
