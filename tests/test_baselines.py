@@ -10,11 +10,10 @@ import torch
 
 import baselines
 from baselines import BaselineConfig
-from conftest import BOOKS, needs_stories, Stories
+from conftest import BOOKS, Stories
 from prefill import OptionError, Prompt
 from reference import ref_forward, ref_rotations, rel_err
 
-pytestmark = needs_stories
 TOL = 1e-5
 ANSWER = 400
 ROOM = 112  # 512 - ANSWER

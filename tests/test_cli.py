@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import MODELS, REPO, STORIES, needs_stories
+from conftest import REPO, STORIES, shared
 from engine import ProgressBar, main, memory_advice
 from parallelcomp import chunk_spans
 from tokenizer import Tokenizer
@@ -88,14 +88,12 @@ PROMPT_ERRORS = {
 }
 
 
-@needs_stories
 @pytest.mark.parametrize("case", PROMPT_ERRORS)
 def test_prompt_file_errors(case, tmp_path, capsys):
     make, message = PROMPT_ERRORS[case]
     assert_one_line_error(*run(capsys, "--prompt", make(tmp_path), *MODEL), message)
 
 
-@needs_stories
 def test_invalid_utf8_on_standard_input():
     p = subprocess.run([sys.executable, "engine.py", "--prompt", "-", *MODEL], input=b"Once\n\xc3\x28 upon",
                        cwd=REPO, capture_output=True, env=ENV)
@@ -148,7 +146,6 @@ CHECKPOINT_ERRORS = {
 }
 
 
-@needs_stories
 @pytest.mark.parametrize("case", CHECKPOINT_ERRORS)
 def test_checkpoint_errors(case, tmp_path, capsys):
     make, message = CHECKPOINT_ERRORS[case]
@@ -156,10 +153,10 @@ def test_checkpoint_errors(case, tmp_path, capsys):
     assert_one_line_error(*run(capsys, "--prompt", prompt, "--model", make(tmp_path), "--device", "cpu"), message)
 
 
-@needs_stories
 def test_a_tokenizer_from_another_model(tmp_path, capsys):
+    llama2 = shared("models/llama2-tokenizer/tokenizer.model")
     model = checkpoint(tmp_path, drop=["tokenizer.model"])
-    shutil.copyfile(MODELS / "llama2-tokenizer" / "tokenizer.model", model / "tokenizer.model")
+    shutil.copyfile(llama2, model / "tokenizer.model")
     prompt = write(tmp_path / "p.txt", STORY)
     assert_one_line_error(*run(capsys, "--prompt", prompt, "--model", model, "--device", "cpu"),
                           r"outside the model's 512-token vocabulary: the checkpoint's tokenizer does not match")
@@ -184,7 +181,6 @@ OPTION_ERRORS = {
 }
 
 
-@needs_stories
 @pytest.mark.parametrize("option", OPTION_ERRORS)
 def test_invalid_option_values(option, tmp_path, capsys):
     prompt = write(tmp_path / "p.txt", STORY)
@@ -207,7 +203,6 @@ def test_malformed_command_line_is_one_line_with_status_2(options, capsys):
     assert_one_line_error(exit.value.code, out, err, MALFORMED[options], status=2)
 
 
-@needs_stories
 @pytest.mark.parametrize("method", ["auto", "full", "truncate", "streaming", "parallelcomp"])
 def test_question_longer_than_the_window(method, tmp_path, capsys):
     prompt = write(tmp_path / "p.txt", SENTENCE * 100)
@@ -216,7 +211,6 @@ def test_question_longer_than_the_window(method, tmp_path, capsys):
                           r"the question \(513 tokens\) is longer than the model's 512-token window: shorten it")
 
 
-@needs_stories
 def test_question_and_answer_leave_no_room_for_context(tmp_path, capsys):
     prompt = write(tmp_path / "p.txt", SENTENCE * 100)
     assert_one_line_error(*run(capsys, "--prompt", prompt, "--question", "Why did the dog run?", *MODEL,
@@ -224,7 +218,6 @@ def test_question_and_answer_leave_no_room_for_context(tmp_path, capsys):
                           r"the question \(\d+ tokens\) and --max-new-tokens \(500\) leave no room for context")
 
 
-@needs_stories
 def test_auto_uses_full_attention_when_parallelcomp_has_no_room(tmp_path, capsys):
     """A short prompt with an answer budget beyond the window: nothing to compress, so no error."""
     prompt = write(tmp_path / "p.txt", STORY)
@@ -235,7 +228,6 @@ def test_auto_uses_full_attention_when_parallelcomp_has_no_room(tmp_path, capsys
 
 # ---------------------------------------------------------------------------- out of memory
 
-@needs_stories
 def test_a_cache_beyond_memory_is_refused_before_the_prefill(tmp_path, capsys):
     """A 10-billion-token cache (6.4 TB) is refused from its size, before anything is allocated."""
     prompt = write(tmp_path / "p.txt", STORY)
@@ -258,7 +250,6 @@ def ctrl_c_enabled():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@needs_stories
 def test_ctrl_c_keeps_the_text_so_far_and_exits_130(tmp_path):
     prompt = write(tmp_path / "p.txt", STORY)
     p = subprocess.Popen([sys.executable, "engine.py", "--prompt", prompt, *MODEL, "--method", "full",
@@ -273,7 +264,6 @@ def test_ctrl_c_keeps_the_text_so_far_and_exits_130(tmp_path):
     assert 1 <= n < 20000 and text.strip() and text.endswith("\n")
 
 
-@needs_stories
 def test_ctrl_c_with_json_prints_the_partial_answer(tmp_path, capsys):
     prompt = write(tmp_path / "p.txt", STORY)
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, even when started ignored
@@ -293,7 +283,6 @@ def test_ctrl_c_with_json_prints_the_partial_answer(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- output: --json, progress, --quiet
 
-@needs_stories
 def test_json_and_progress_bar_on_a_terminal(tmp_path):
     """ParallelComp over ~20k tokens: stdout is exactly one JSON object, stderr (a terminal) the bar."""
     document = SENTENCE * 1050
@@ -353,7 +342,6 @@ def test_progress_bar_redraws_one_line():
         "\rprefill [##############################] 4/4 chunks, 4,000 tok/s", ""]
 
 
-@needs_stories
 def test_summary_on_stderr_and_quiet(tmp_path, capsys):
     prompt = write(tmp_path / "p.txt", STORY)
     code, out, err = run(capsys, "--prompt", prompt, *MODEL, "--max-new-tokens", 8)

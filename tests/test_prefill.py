@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prefill
-from conftest import BOOKS, needs_stories, STORIES, Stories
+from conftest import BOOKS, STORIES, Stories
 from prefill import OptionError, Prompt, causal_prefill, extend
 from reference import ref_forward, rel_err
 from tokenizer import Tokenizer
@@ -38,7 +38,6 @@ def test_prompt_ids_are_head_context_question():
     assert prompt.ids() == [1, 9, 5, 6, 7, 1, 8]
 
 
-@needs_stories
 def test_causal_prefill_in_pieces_matches_float64(s, monkeypatch):
     monkeypatch.setitem(prefill.PREFILL_PIECE, "cpu", 16)  # 40 tokens in pieces of 16, 16 and 8
     ids, record = s.ids[:40], []
@@ -52,7 +51,6 @@ def test_causal_prefill_in_pieces_matches_float64(s, monkeypatch):
         assert rel_err(cache.v[layer, 0, :, :40].transpose(0, 1), r["v"]) <= TOL
 
 
-@needs_stories
 def test_extend_after_unequal_layer_lengths_matches_float64(s, monkeypatch):
     """40 tokens prefilled, then each layer thinned to its own length, each KV head keeping its own
     slots (as calibration leaves the cache); extend appends 20 tokens at positions 40..59 in
