@@ -48,7 +48,8 @@ def repository_imports(start):
 def metadata(tmp_path_factory):
     """The dist-info folder setuptools prepares for a wheel of the repository."""
     out = tmp_path_factory.mktemp("metadata")
-    script = "import sys; from setuptools import build_meta; print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))"
+    script = ("import sys; from setuptools import build_meta; "
+              "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))")
     run = subprocess.run([sys.executable, "-c", script, str(out)], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr
