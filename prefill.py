@@ -42,7 +42,20 @@ def free_memory(device):
     GPU; the available physical memory on the CPU."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available_memory()
+
+
+def available_memory(meminfo="/proc/meminfo"):
+    """Physical memory new allocations can take: Linux's MemAvailable (free pages plus the page
+    cache the kernel gives back), not MemFree, which can be a few GiB of 14 available. Without it
+    (no /proc, a kernel before 3.14): the free pages where the system counts them, else all."""
+    try:
+        with open(meminfo) as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024  # "   13682844 kB"
+    except (OSError, KeyError, ValueError):
+        pages = "SC_AVPHYS_PAGES" if "SC_AVPHYS_PAGES" in os.sysconf_names else "SC_PHYS_PAGES"  # macOS: no count
+        return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
 
 
 def option(default, help, parse=None, flag=None, metavar=None):

@@ -3,6 +3,7 @@ with Hugging Face tensor names, and the real models as fixtures. Test files impo
 names with `from conftest import ...`."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,23 @@ from tokenizer import Tokenizer
 from weights import embedded_model, resolve
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"  # read-only models, data and reference numbers
-MODELS = SHARED / "models"
-STORIES = MODELS / "stories260K"  # a real 260K-parameter Llama: BOS 1, EOS 2, 512-token window, float32
-BOOKS = SHARED / "data" / "books"
-needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is absent")
+ASSETS = REPO / "tests" / "assets"  # shipped with the repository: what each file is in assets/README.md
+STORIES = ASSETS / "stories260K"  # a real 260K-parameter Llama: BOS 1, EOS 2, 512-token window, float32
+BOOKS = ASSETS / "books"  # the first pages of three public-domain books
+REFERENCE = ASSETS / "reference.json"  # golden numbers from Hugging Face transformers
+# What may not ship (Meta's tokenizers, the essays, the evaluation sets): ../shared, read-only, or
+# where PARALLELCOMP_SHARED points (CI runs the suite a second time with it pointing nowhere)
+SHARED = Path(os.environ.get("PARALLELCOMP_SHARED") or REPO.parent / "shared")
 QWEN25 = embedded_model("qwen2.5-1.5b").dest  # 7 GB: tests use it where it was converted, never download it
 needs_qwen25 = pytest.mark.skipif(not QWEN25.is_dir(), reason=f"{QWEN25} is absent (python -m weights qwen2.5-1.5b)")
+
+
+def shared(relative: str) -> Path:
+    """SHARED / relative; skips the calling test or fixture where it is absent."""
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the shared assets, ../shared or PARALLELCOMP_SHARED)")
+    return path
 
 
 class Stories:
@@ -103,7 +114,7 @@ def write_checkpoint(path, cfg, tensors):
 
 @pytest.fixture(scope="session")
 def reference() -> dict:
-    return json.loads((SHARED / "reference" / "reference.json").read_text(encoding="utf-8"))
+    return json.loads(REFERENCE.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="session")

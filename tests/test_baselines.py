@@ -10,12 +10,11 @@ import torch
 
 import baselines
 from baselines import BaselineConfig, YarnConfig
-from conftest import BOOKS, STORIES, needs_stories, Stories
+from conftest import BOOKS, STORIES, Stories
 from engine import Engine
 from prefill import OptionError, Prompt
 from reference import ref_forward, ref_rotations, rel_err
 
-pytestmark = needs_stories
 TOL = 1e-5
 ANSWER = 400
 ROOM = 112  # 512 - ANSWER

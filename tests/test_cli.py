@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import MODELS, REPO, STORIES, needs_stories
+from conftest import REPO, STORIES, shared
 from engine import ProgressBar, main, memory_advice
 from checkpoint import load_model
 from locret import random_heads, save_heads
@@ -93,14 +93,12 @@ PROMPT_ERRORS = {
 }
 
 
-@needs_stories
 @pytest.mark.parametrize("case", PROMPT_ERRORS)
 def test_prompt_file_errors(case, tmp_path, capsys):
     make, message = PROMPT_ERRORS[case]
     assert_one_line_error(*run(capsys, "--prompt", make(tmp_path), *MODEL), message)
 
 
-@needs_stories
 def test_invalid_utf8_on_standard_input():
     p = subprocess.run([sys.executable, "engine.py", "--prompt", "-", *MODEL], input=b"Once\n\xc3\x28 upon",
                        cwd=REPO, capture_output=True, env=ENV)
@@ -169,7 +167,6 @@ CHECKPOINT_ERRORS = {
 }
 
 
-@needs_stories
 @pytest.mark.parametrize("case", CHECKPOINT_ERRORS)
 def test_checkpoint_errors(case, tmp_path, capsys):
     make, message = CHECKPOINT_ERRORS[case]
@@ -177,10 +174,10 @@ def test_checkpoint_errors(case, tmp_path, capsys):
     assert_one_line_error(*run(capsys, "--prompt", prompt, "--model", make(tmp_path), "--device", "cpu"), message)
 
 
-@needs_stories
 def test_a_tokenizer_from_another_model(tmp_path, capsys):
+    llama2 = shared("models/llama2-tokenizer/tokenizer.model")
     model = checkpoint(tmp_path, drop=["tokenizer.model"])
-    shutil.copyfile(MODELS / "llama2-tokenizer" / "tokenizer.model", model / "tokenizer.model")
+    shutil.copyfile(llama2, model / "tokenizer.model")
     prompt = write(tmp_path / "p.txt", STORY)
     assert_one_line_error(*run(capsys, "--prompt", prompt, "--model", model, "--device", "cpu"),
                           r"outside the model's 512-token vocabulary: the checkpoint's tokenizer does not match")
@@ -205,14 +202,12 @@ OPTION_ERRORS = {
 }
 
 
-@needs_stories
 @pytest.mark.parametrize("option", OPTION_ERRORS)
 def test_invalid_option_values(option, tmp_path, capsys):
     prompt = write(tmp_path / "p.txt", STORY)
     assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, option), OPTION_ERRORS[option])
 
 
-@needs_stories
 def test_yarn_errors(tmp_path, capsys):
     prompt = write(tmp_path / "p.txt", SENTENCE * 60)  # 1,141 tokens: past YaRN's 1,024 at factor 2
     yarn = ["--prompt", prompt, "--device", "cpu", "--method", "yarn"]
@@ -242,7 +237,6 @@ def test_malformed_command_line_is_one_line_with_status_2(options, capsys):
     assert_one_line_error(exit.value.code, out, err, MALFORMED[options], status=2)
 
 
-@needs_stories
 @pytest.mark.parametrize("method", ["auto", "full", "truncate", "streaming", "parallelcomp"])
 def test_question_longer_than_the_window(method, tmp_path, capsys):
     prompt = write(tmp_path / "p.txt", SENTENCE * 100)
@@ -251,7 +245,6 @@ def test_question_longer_than_the_window(method, tmp_path, capsys):
                           r"the question \(513 tokens\) is longer than the model's 512-token window: shorten it")
 
 
-@needs_stories
 def test_question_and_answer_leave_no_room_for_context(tmp_path, capsys):
     prompt = write(tmp_path / "p.txt", SENTENCE * 100)
     assert_one_line_error(*run(capsys, "--prompt", prompt, "--question", "Why did the dog run?", *MODEL,
@@ -259,7 +252,6 @@ def test_question_and_answer_leave_no_room_for_context(tmp_path, capsys):
                           r"the question \(\d+ tokens\) and --max-new-tokens \(500\) leave no room for context")
 
 
-@needs_stories
 def test_auto_uses_full_attention_when_parallelcomp_has_no_room(tmp_path, capsys):
     """A short prompt with an answer budget beyond the window: nothing to compress, so no error."""
     prompt = write(tmp_path / "p.txt", STORY)
@@ -270,7 +262,6 @@ def test_auto_uses_full_attention_when_parallelcomp_has_no_room(tmp_path, capsys
 
 # ---------------------------------------------------------------------------- out of memory
 
-@needs_stories
 def test_a_cache_beyond_memory_is_refused_before_the_prefill(tmp_path, capsys):
     """A 10-billion-token cache (6.4 TB) is refused from its size, before anything is allocated."""
     prompt = write(tmp_path / "p.txt", STORY)
@@ -293,7 +284,6 @@ def ctrl_c_enabled():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@needs_stories
 def test_ctrl_c_keeps_the_text_so_far_and_exits_130(tmp_path):
     prompt = write(tmp_path / "p.txt", STORY)
     p = subprocess.Popen([sys.executable, "engine.py", "--prompt", prompt, *MODEL, "--method", "full",
@@ -308,7 +298,6 @@ def test_ctrl_c_keeps_the_text_so_far_and_exits_130(tmp_path):
     assert 1 <= n < 20000 and text.strip() and text.endswith("\n")
 
 
-@needs_stories
 def test_ctrl_c_with_json_prints_the_partial_answer(tmp_path, capsys):
     prompt = write(tmp_path / "p.txt", STORY)
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, even when started ignored
@@ -328,7 +317,6 @@ def test_ctrl_c_with_json_prints_the_partial_answer(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- output: --json, progress, --quiet
 
-@needs_stories
 def test_json_and_progress_bar_on_a_terminal(tmp_path):
     """ParallelComp over ~20k tokens: stdout is exactly one JSON object, stderr (a terminal) the bar."""
     document = SENTENCE * 1050
@@ -388,7 +376,6 @@ def test_progress_bar_redraws_one_line():
         "\rprefill [##############################] 4/4 chunks, 4,000 tok/s", ""]
 
 
-@needs_stories
 def test_summary_on_stderr_and_quiet(tmp_path, capsys):
     prompt = write(tmp_path / "p.txt", STORY)
     code, out, err = run(capsys, "--prompt", prompt, *MODEL, "--max-new-tokens", 8)
@@ -410,7 +397,6 @@ LAYOUT = {"full_layers": [2, 2], "pattern": "window", "sink_tokens": 4, "window_
 PER_ENTRY = 2 * 4 * 8 * 4  # stories260K: K and V of 4 KV heads of size 8, float32
 
 
-@needs_stories
 @pytest.mark.parametrize("flags, live", [
     ((), 4 + 28),  # auto runs the method the checkpoint was trained for
     (("--method", "hybrid"), 4 + 28),  # with the checkpoint's layout
@@ -430,7 +416,6 @@ def test_a_hybrid_checkpoint_runs_its_layout(flags, live, tmp_path, capsys):
     assert result["kv_bytes"] == (n + 4 * live) * PER_ENTRY and result["full_kv_bytes"] == 5 * n * PER_ENTRY
 
 
-@needs_stories
 def test_an_option_of_a_method_auto_does_not_run_here(tmp_path, capsys):
     prompt = write(tmp_path / "p.txt", STORY)
     assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, "--window-tokens", 20),
@@ -452,7 +437,6 @@ def no_bos(tmp_path):
     return model
 
 
-@needs_stories
 @pytest.mark.parametrize("method", METHODS)
 def test_an_empty_document_with_a_question(method, tmp_path, capsys):
     """The question alone is the prompt, as in the Python API: the float64 greedy tokens after it,
@@ -478,7 +462,6 @@ HEADS_FILES = {  # before, these ended in tracebacks from torch.load's unpickler
 }
 
 
-@needs_stories
 @pytest.mark.parametrize("case", HEADS_FILES)
 def test_a_heads_file_that_is_not_heads(case, tmp_path, capsys):
     name, data = HEADS_FILES[case]
@@ -488,7 +471,6 @@ def test_a_heads_file_that_is_not_heads(case, tmp_path, capsys):
                           rf"^error: \S+{re.escape(name)}: not a readable heads file \(\w+(: .*)?\)$")
 
 
-@needs_stories
 @pytest.mark.parametrize("flags, message", [
     (("--method", "infinipot", "--pot-tokens", "100", "--pot-keep", "100"),
      r"^error: --pot-keep must be below --pot-tokens \(100\)$"),
@@ -507,7 +489,6 @@ def test_messages_name_every_option_by_its_flag(flags, message, tmp_path, capsys
     assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, *flags, *heads), message)
 
 
-@needs_stories
 def test_the_question_is_laid_out_the_same_given_or_taken_from_the_document(tmp_path, capsys):
     """--question Q after a document, and the same document ending with the paragraph Q: the
     same prompt, chunks and answer."""

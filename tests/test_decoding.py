@@ -8,7 +8,7 @@ import torch
 
 from baselines import BaselineConfig, prefill_full
 from checkpoint import load_model
-from conftest import STORIES, needs_stories
+from conftest import STORIES
 from decoding import SamplingParams, decode, sample
 from prefill import OptionError, Prompt
 from tokenizer import Tokenizer
@@ -118,13 +118,11 @@ def run_decode(model, prompt, max_new_tokens, eos_ids):
     return tokens
 
 
-@needs_stories
 def test_greedy_decode_equals_forwards_without_a_cache(model, prompt):
     expected = greedy_without_cache(model, prompt.ids(), 16)
     assert run_decode(model, prompt, 16, frozenset()) == expected
 
 
-@needs_stories
 def test_decode_stops_before_an_eos_but_never_starts_with_one(model, prompt):
     expected = greedy_without_cache(model, prompt.ids(), 16)
     at = next(i for i in range(2, 16) if expected[i] not in expected[:i])  # a token's first appearance

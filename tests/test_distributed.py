@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import distributed
+from conftest import BOOKS, STORIES
 from decoding import SamplingParams, decode
 from distributed import attention_lse
 from parallelcomp import Calibration, ChunkEncoder, ParallelCompConfig, chunk_spans
@@ -32,10 +33,7 @@ from ranks import decoded
 from reference import load_float64, ref_forward, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-STORIES = SHARED / "models" / "stories260K"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is absent")
 TOL = 1e-5
 STEPS = 8  # greedy tokens compared
 QUESTION = "What did the monster see?"
@@ -56,7 +54,7 @@ def load():
     from checkpoint import load_model
     from tokenizer import Tokenizer
     model, tok = load_model(STORIES, "cpu", torch.float32), Tokenizer.from_dir(STORIES)
-    text = (SHARED / "data" / "books" / "frankenstein.txt").read_text()[20000:26000]
+    text = (BOOKS / "frankenstein.txt").read_text()[20000:26000]
     context = tok.encode(text)[:607]  # 4 chunks of 151-152 tokens
     prompt = Prompt([1] + tok.encode("Read the story."), context, [1] + tok.encode(QUESTION), bos_id=1,
                     eos_ids=frozenset({2}))
@@ -345,7 +343,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def cli(tmp_path, *args, processes=2, characters=3000):
     prompt = tmp_path / "story.txt"
-    prompt.write_text((SHARED / "data" / "books" / "frankenstein.txt").read_text()[20000:20000 + characters])
+    prompt.write_text((BOOKS / "frankenstein.txt").read_text()[20000:20000 + characters])
     command = [sys.executable, "engine.py"] if processes == 1 else \
         [str(TORCHRUN), "--standalone", f"--nproc-per-node={processes}", "engine.py"]
     return subprocess.run(command + ["--prompt", str(prompt), "--question", QUESTION, "--model", str(STORIES),

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import BOOKS, REPO, STORIES, needs_stories
+from conftest import BOOKS, REPO, STORIES
 from checkpoint import CheckpointError
 from engine import Engine, EngineError
 from infinipot import InfiniPotConfig
@@ -24,7 +24,6 @@ from parallelcomp import ParallelCompConfig, chunk_spans
 from prefill import OptionError, Prompt
 from reference import load_float64, ref_greedy
 
-pytestmark = needs_stories
 WINDOW = 512
 STORY = "Once upon a time there was a little cat."
 # a ChatML-like template in stories260K's own tokens: <s> and </s> are its BOS and EOS

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, SHARED, STORIES, needs_stories
+from conftest import BOOKS, REPO, STORIES, shared
 
 sys.path.insert(0, str(REPO / "eval"))
 import longbench  # noqa: E402
@@ -122,13 +122,13 @@ def shortened(path, out, n, **cut):
     return str(out)
 
 
-@needs_stories
 def test_passkey_end_to_end(tmp_path, capsys):
     """Every method of the table, and ParallelComp once more with KV eviction and calibration."""
     variant = "parallelcomp:kv-budget=64,calibrate=sink:1-2"
     passkey.main(["--model", str(STORIES), "--device", "cpu", "--lengths", "256", "1024", "--depths", "0.25",
                   "0.75", "--keys", "1", "--chunk-tokens", "400", "--methods", "parallelcomp", variant, "full",
-                  "truncate", "streaming", "--out", str(tmp_path / "r")])
+                  "truncate", "streaming", "--haystack", str(BOOKS / "frankenstein.txt"),
+                  "--out", str(tmp_path / "r")])
     result = json.loads((tmp_path / "r.json").read_text())
     rows = result["rows"]
     assert result["complete"] and len(rows) == 2 * 2 * 2 * 5  # tasks × lengths × depths × methods, one trial each
@@ -154,11 +154,10 @@ def test_rows_on_disk_after_each_one(tmp_path):
         args=dict(lengths=[1, 2]), complete=True, scores=dict(a=1.0), rows=[dict(n=1), dict(n=2)])
 
 
-@needs_stories
 def test_ppl_end_to_end(tmp_path, capsys):
     ppl.main(["--model", str(STORIES), "--device", "cpu", "--lengths", "128", "512", "1024", "--target-tokens",
               "64", "--query-tokens", "64", "--methods", "full", "truncate", "parallelcomp", "streaming",
-              "--out", str(tmp_path / "p")])
+              "--book", str(BOOKS / "war_and_peace.txt"), "--offset", "20000", "--out", str(tmp_path / "p")])
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
     assert len(rows) == 3 * 4 and all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in rows)
     at_128 = [r["nll"] for r in rows if r["context_tokens"] == 128]
@@ -167,7 +166,6 @@ def test_ppl_end_to_end(tmp_path, capsys):
     assert len(capsys.readouterr().out.strip().splitlines()) == 2 + 3
 
 
-@needs_stories
 def test_ppl_continuation_equals_one_causal_pass():
     """The target scored through the prefilled cache = the target's NLL in one forward over context + target."""
     engine = Engine(STORIES, "cpu")
@@ -182,11 +180,10 @@ def test_ppl_continuation_equals_one_causal_pass():
     assert nll == pytest.approx(expected, abs=1e-5)
 
 
-@needs_stories
 def test_longbench_and_leval_end_to_end(tmp_path, capsys):
-    news = shortened(SHARED / "data" / "longbench" / "multi_news.jsonl", tmp_path / "multi_news.jsonl", 2,
+    news = shortened(shared("data/longbench/multi_news.jsonl"), tmp_path / "multi_news.jsonl", 2,
                      context=3000)
-    tpo = shortened(SHARED / "data" / "leval" / "tpo.jsonl", tmp_path / "tpo.jsonl", 1, input=3000,
+    tpo = shortened(shared("data/leval/tpo.jsonl"), tmp_path / "tpo.jsonl", 1, input=3000,
                     instructions=1, outputs=1)
     longbench.main([news, tpo, "--model", str(STORIES), "--device", "cpu", "--max-new-tokens", "4",
                     "--methods", "parallelcomp", "full", "truncate", "streaming", "--out", str(tmp_path / "l")])

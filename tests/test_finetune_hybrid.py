@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from checkpoint import checkpoint_tensors, load_model
-from conftest import BOOKS, REPO, STORIES, needs_stories
+from conftest import BOOKS, REPO, STORIES, shared
 from engine import Engine
 from hybrid import HybridConfig
 from reference import load_float64, ref_forward, rel_err
@@ -26,7 +26,6 @@ from tokenizer import Tokenizer
 sys.path.insert(0, str(REPO / "tools"))
 import finetune_hybrid as ft  # noqa: E402
 
-pytestmark = needs_stories
 TOL = 1e-4
 FULL = range(1, 3)
 CONFIGS = (HybridConfig(sink_tokens=4, window_tokens=12),
@@ -96,9 +95,10 @@ def test_packing_puts_a_bos_before_each_book():
 
 
 def test_smoke_run_writes_a_checkpoint_the_engine_runs_hybrid(tmp_path):
-    out = tmp_path / "hybrid"
+    essays, out = shared("data/essays/paul_graham_essays.json"), tmp_path / "hybrid"
     run = subprocess.run([sys.executable, str(REPO / "tools" / "finetune_hybrid.py"), "--device", "cpu",
-                          "--model", str(STORIES), "--out", str(out), "--steps", "2", "--seq", "256",
+                          "--model", str(STORIES), "--books", str(BOOKS), "--essays", str(essays),
+                          "--out", str(out), "--steps", "2", "--seq", "256",
                           "--minutes", "1", "--rope-theta", "20000", "--sink-tokens", "4", "--window-tokens", "60",
                           "--long-tokens", "400"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

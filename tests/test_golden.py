@@ -1,7 +1,7 @@
-"""Real models against ../shared/reference/reference.json (numbers computed with Hugging Face
+"""Real models against tests/assets/reference.json (numbers computed with Hugging Face
 transformers in float32 on the CPU; see ../shared/docs/models_and_data.md §4).
 
-stories260K: the shared checkpoint, through the model API and through Engine.
+stories260K: the shipped checkpoint (tests/assets), through the model API and through Engine.
 SmolLM2-135M-Instruct: as converted by weights/smollm2.py (the `smollm2_dir` fixture in conftest.py).
 """
 
@@ -10,15 +10,10 @@ import math
 import pytest
 import torch
 
-from conftest import BOOKS, SHARED, STORIES
-
-if not SHARED.is_dir():
-    pytest.skip(f"{SHARED} is absent: the golden tests need the shared models and reference.json",
-                allow_module_level=True)
-
-from engine import Engine  # noqa: E402
-from checkpoint import load_model  # noqa: E402
-from model import KVCache  # noqa: E402
+from conftest import BOOKS, STORIES
+from engine import Engine
+from checkpoint import load_model
+from model import KVCache
 
 BOOK = BOOKS / "pride_and_prejudice.txt"
 SPECIAL_TEXTS = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")

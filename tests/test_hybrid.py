@@ -9,7 +9,6 @@ and no logit off by more than 1e-4 (measured 3e-5).
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from safetensors.torch import save_file
 
 import hybrid
 from checkpoint import load_model
-from conftest import Stories
+from conftest import BOOKS, STORIES, Stories
 from hybrid import HybridCache, HybridConfig, layout_from_config, parse_layers, parse_pattern
 from model import KVCache, ModelConfig, build_model
 from prefill import OptionError, Prompt, causal_prefill
@@ -25,9 +24,6 @@ from reference import load_float64, ref_forward, rel_err
 from test_model import hf_config, random_tensors
 from tokenizer import Tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-STORIES = SHARED / "models" / "stories260K"
-pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is absent")
 TOL = 1e-5
 FULL = range(1, 3)  # stories260K's middle third: layers 5 // 3 .. 10 // 3 - 1
 WINDOW = HybridConfig(sink_tokens=4, window_tokens=60)
@@ -40,7 +36,7 @@ RUNS = (([0, 37, 150, 200], 260), ([0, 2], 130))
 class Setup(Stories):
     def __init__(self):
         super().__init__()
-        text = (SHARED / "data" / "books" / "frankenstein.txt").read_text()[30000:33000]
+        text = (BOOKS / "frankenstein.txt").read_text()[30000:33000]
         self.ids = [1] + Tokenizer.from_dir(STORIES).encode(text)[:259]  # 260 tokens
         self.references = {}
 

@@ -354,7 +354,7 @@ def test_training_script_smoke_run_writes_loadable_heads(s, tmp_path):
     out = tmp_path / "heads.safetensors"
     run = subprocess.run([sys.executable, str(REPO / "tools" / "train_locret.py"), "--device", "cpu",
                           "--steps", "2", "--eval-samples", "2", "--hidden", "12", "--model", str(STORIES),
-                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+                          "--books", str(BOOKS), "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "held-out, after 2 steps:  top-10% overlap" in run.stdout
     heads = load_heads(out, s.config)

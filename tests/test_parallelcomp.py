@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import parallelcomp
-from conftest import BOOKS, needs_stories, STORIES, Stories
+from conftest import BOOKS, STORIES, Stories
 from engine import Engine
 from parallelcomp import Calibration, ChunkCache, ParallelCompConfig, chunk_spans
 from prefill import Prompt
@@ -94,7 +94,6 @@ def test_empty_context_is_one_empty_chunk():
     assert chunk_spans(0, 5) == [range(0, 0)]  # ParallelComp still has a chunk (the head) to rank
 
 
-@needs_stories
 def test_chunk_scores_equal_independent_nll(setup, references):
     """Batched, right-padded chunk prefill: each chunk's score equals the question's NLL from a
     float64 forward of that chunk alone, summed and divided by (Lq - 1)."""
@@ -121,7 +120,6 @@ def test_query_nll_skips_end_of_turn_targets():
     assert parallelcomp.query_nll(logits, torch.tensor(targets)) == pytest.approx(sum(nll) / 5, rel=1e-6)
 
 
-@needs_stories
 def test_chunk_scores_ignore_the_questions_end_of_turn(setup):
     """encode_chunks passes prompt.eos_ids: a question ending with EOS scores as the float64 NLL of
     its other tokens."""
@@ -139,7 +137,6 @@ def test_chunk_scores_ignore_the_questions_end_of_turn(setup):
 
 # ---------------------------------------------------------------------------- assembly and the query pass
 
-@needs_stories
 def test_assembled_cache_and_query_pass_match_reference(setup, references):
     """k = 2 of 4 chunks: the kept chunks are the two lowest-NLL ones in document order; the cache
     is the first kept chunk's [BOS head text] and the second's [head text] (BOS dropped), as the
@@ -173,7 +170,6 @@ def test_assembled_cache_and_query_pass_match_reference(setup, references):
         assert rel_err(res.cache.k[layer, 0, :, S:S + Lq].transpose(0, 1), r["k"]) <= TOL
 
 
-@needs_stories
 def test_top_k_at_least_n_keeps_every_chunk(setup):
     res = run_prefill(setup, ParallelCompConfig(chunk_tokens=152, top_k_chunks=5))
     assert res.stats["kept_chunks"] == [0, 1, 2, 3]
@@ -186,7 +182,6 @@ def test_chunk_eviction_ties_keep_the_later_chunk():
     assert [c.index for c in parallelcomp.chunk_eviction(chunks, 2)] == [1, 2]
 
 
-@needs_stories
 def test_one_chunk_gives_the_tokens_of_plain_inference():
     """A prompt that fits one chunk: ParallelComp's prefill then decode equals plain inference on
     the same [BOS instruction context][BOS question] layout."""
@@ -232,7 +227,6 @@ def test_kv_eviction_selects_the_top_n_of_an_independent_score():
     assert got.tolist() == independent_eviction(q.transpose(0, 1), k.transpose(0, 1), range(1, 55), 12)
 
 
-@needs_stories
 def test_kv_eviction_in_prefill_matches_reference(setup, references):
     """kv_budget = 40: each kept chunk stores BOS + exactly 40 context tokens per KV head, the top 40
     of the float64 score; the query pass over that thinned cache matches the float64 forward."""
@@ -292,7 +286,6 @@ def test_calibration_spec():
 
 # stories260K's last question token attends mostly to recent tokens (no BOS sink): thresholds
 # chosen so that every region has tokens above them
-@needs_stories
 @pytest.mark.parametrize("cal", [Calibration("sink", 1, 3, threshold=0.01), Calibration("all", 0, 4),
                                  Calibration("middle", 1, 3, threshold=0.05), Calibration("recent", 2, 2)],
                          ids=lambda c: f"{c.region}:{c.first_layer}-{c.last_layer}@{c.threshold}")
@@ -330,7 +323,6 @@ def test_calibration_evicts_exactly_the_expected_tokens_in_chosen_layers(setup, 
     assert total > 0, "tokens above the threshold exist: the test exercises eviction"
 
 
-@needs_stories
 def test_decoding_after_calibration_sees_each_layers_own_cache(setup):
     """After calibration the layers hold different lengths; a decoded token attends, in each layer,
     to exactly that layer's kept tokens plus itself (float64 forward with those caches as past)."""
@@ -348,7 +340,6 @@ def test_decoding_after_calibration_sees_each_layers_own_cache(setup):
     assert rel_err(logits, expected) <= TOL
 
 
-@needs_stories
 def test_kv_and_calibration_evictions_are_reported_apart(setup):
     """With both KV eviction and calibration: kv_evicted_tokens counts, per KV head, the context
     tokens the budget dropped from the kept chunks (the same in every layer, so once), and
@@ -386,7 +377,6 @@ class CountingModel:
         return hidden
 
 
-@needs_stories
 @pytest.mark.parametrize("n_chunks", [70, 140])
 def test_live_chunk_caches_stay_bounded(setup, n_chunks, monkeypatch):
     """70 or 140 chunks of ~500 tokens: at most k + one batch of chunk caches is ever alive, the same

@@ -1,13 +1,16 @@
 """prefill.py: causal_prefill and extend against the float64 reference forward (tests/reference.py),
 on stories260K, in pieces of a few tokens; extend after layers of unequal lengths, as attention
-calibration leaves them. Tolerance: relative error <= 1e-5. OptionError's two namings."""
+calibration leaves them. Tolerance: relative error <= 1e-5. OptionError's two namings. The
+memory a CPU prefill may take."""
+
+import os
 
 import pytest
 import torch
 
 import prefill
-from conftest import BOOKS, needs_stories, STORIES, Stories
-from prefill import OptionError, Prompt, causal_prefill, extend
+from conftest import BOOKS, STORIES, Stories
+from prefill import OptionError, Prompt, available_memory, causal_prefill, extend, free_memory
 from reference import ref_forward, rel_err
 from tokenizer import Tokenizer
 
@@ -38,7 +41,6 @@ def test_prompt_ids_are_head_context_question():
     assert prompt.ids() == [1, 9, 5, 6, 7, 1, 8]
 
 
-@needs_stories
 def test_causal_prefill_in_pieces_matches_float64(s, monkeypatch):
     monkeypatch.setitem(prefill.PREFILL_PIECE, "cpu", 16)  # 40 tokens in pieces of 16, 16 and 8
     ids, record = s.ids[:40], []
@@ -52,7 +54,6 @@ def test_causal_prefill_in_pieces_matches_float64(s, monkeypatch):
         assert rel_err(cache.v[layer, 0, :, :40].transpose(0, 1), r["v"]) <= TOL
 
 
-@needs_stories
 def test_extend_after_unequal_layer_lengths_matches_float64(s, monkeypatch):
     """40 tokens prefilled, then each layer thinned to its own length, each KV head keeping its own
     slots (as calibration leaves the cache); extend appends 20 tokens at positions 40..59 in
@@ -83,3 +84,35 @@ def test_extend_after_unequal_layer_lengths_matches_float64(s, monkeypatch):
     assert cache.lens.tolist() == [n + 20 for n in kept]
     for layer, (r, n) in enumerate(zip(record, kept)):
         assert rel_err(cache.k[layer, 0, :, n:n + 20].transpose(0, 1), r["k"]) <= TOL
+
+
+# ---------------------------------------------------------------------------- free memory on the CPU
+
+MEMINFO = """MemTotal:       24683784 kB
+MemFree:          734208 kB
+MemAvailable:   14680064 kB
+Buffers:           37020 kB
+Cached:         10267348 kB
+"""
+
+
+def test_cpu_memory_is_what_the_kernel_calls_available(tmp_path):
+    """MemAvailable (free pages plus the cache the kernel gives back), not MemFree."""
+    (tmp_path / "meminfo").write_text(MEMINFO)
+    assert available_memory(tmp_path / "meminfo") == 14680064 * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="no /proc/meminfo: not Linux")
+def test_free_memory_on_this_cpu_is_its_mem_available():
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    assert free_memory(torch.device("cpu")) == pytest.approx(kib * 1024, rel=0.05)
+
+
+@pytest.mark.skipif("SC_AVPHYS_PAGES" not in os.sysconf_names, reason="the system does not count free pages")
+def test_without_mem_available_the_free_pages(tmp_path):
+    """A kernel before 3.14 (no MemAvailable line) or no /proc: the free pages the system counts."""
+    (tmp_path / "meminfo").write_text("MemTotal:       24683784 kB\nMemFree:          734208 kB\n")
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for path in (tmp_path / "meminfo", tmp_path / "absent"):
+        assert available_memory(path) == pytest.approx(free, rel=0.1)

@@ -6,11 +6,8 @@ import sentencepiece
 import tokenizers
 from hypothesis import given, settings, strategies as st
 
-from conftest import MODELS, STORIES
+from conftest import STORIES, shared
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError
-
-LLAMA2 = MODELS / "llama2-tokenizer"
-LLAMA3 = MODELS / "llama3-tokenizer"
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -30,12 +27,12 @@ def stories():
 
 @pytest.fixture(scope="module")
 def llama2():
-    return Tokenizer.from_dir(LLAMA2)
+    return Tokenizer.from_dir(shared("models/llama2-tokenizer"))
 
 
 @pytest.fixture(scope="module")
 def llama3():
-    return Tokenizer.from_dir(LLAMA3)
+    return Tokenizer.from_dir(shared("models/llama3-tokenizer"))
 
 
 def stream(tokenizer, ids, context=()):
@@ -59,7 +56,7 @@ def test_stories260K_special_ids(stories):
 
 
 def test_llama2_matches_sentencepiece(llama2):
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(LLAMA2 / "tokenizer.model"))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(shared("models/llama2-tokenizer/tokenizer.model")))
     for text in TEXTS:
         assert llama2.encode(text) == sp.encode(text)
     assert llama2.encode("Hello world") == [15043, 3186]
@@ -67,7 +64,7 @@ def test_llama2_matches_sentencepiece(llama2):
 
 
 def test_llama3_matches_tokenizers(llama3):
-    hf = tokenizers.Tokenizer.from_file(str(LLAMA3 / "tokenizer.json"))
+    hf = tokenizers.Tokenizer.from_file(str(shared("models/llama3-tokenizer/tokenizer.json")))
     for text in TEXTS:
         assert llama3.encode(text) == hf.encode(text, add_special_tokens=False).ids
     assert llama3.encode("Hello world") == [9906, 1917]

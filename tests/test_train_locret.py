@@ -132,7 +132,8 @@ def test_training_script_prints_and_stores_the_recall(s, tmp_path):
     out = tmp_path / "heads.safetensors"
     run = subprocess.run([sys.executable, str(REPO / "tools" / "train_locret.py"), "--device", "cpu",
                           "--steps", "2", "--eval-samples", "2", "--recall-samples", "2", "--hidden", "12",
-                          "--model", str(STORIES), "--out", str(out)], capture_output=True, text=True, timeout=180)
+                          "--model", str(STORIES), "--books", str(BOOKS), "--out", str(out)], capture_output=True,
+                         text=True, timeout=180)
     assert run.returncode == 0, run.stderr
     lines = [line for line in run.stdout.splitlines() if "recall of a planted value: held by" in line]
     assert [line.split(":")[0] for line in lines] == ["held-out, random heads", "held-out, after 2 steps"]

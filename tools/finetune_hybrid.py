@@ -1,7 +1,7 @@
 """Fine-tune a checkpoint to LongGen's hybrid attention pattern (hybrid.py) in a few GPU minutes.
 
     python tools/finetune_hybrid.py --out weights/SmolLM2-135M-hybrid --rope-theta 1e6
-    python tools/finetune_hybrid.py --device cpu --steps 2 --seq 256 --model ../shared/models/stories260K \
+    python tools/finetune_hybrid.py --device cpu --steps 2 --seq 256 --model tests/assets/stories260K \
         --out /tmp/hybrid --window-tokens 60 --sink-tokens 4 --long-tokens 400
 
 As methods.md §4.4 plans it: a full fine-tune (AdamW, every parameter) on public-domain books
@@ -182,6 +182,8 @@ def parse_args(argv):
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--books", type=Path, default=BOOKS,
                    help=f"folder of .txt books (all but {HELD_OUT_BOOK} trained on, with the essays)")
+    p.add_argument("--essays", type=Path, default=ESSAYS,
+                   help='RULER\'s essays as {"text": ...}: trained on, all but the held-out short text')
     p.add_argument("--rope-theta", type=float, help="new RoPE base (default: the checkpoint's)")
     p.add_argument("--seq", type=int, default=16384, help="tokens per training sequence")
     p.add_argument("--steps", type=int, default=100_000, help="training steps (sequences, batch 1) at most")
@@ -207,7 +209,7 @@ def main(argv=None):
     config.validate(model.config)
     tokenizer = Tokenizer.from_dir(args.model)
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    essays = json.loads(ESSAYS.read_text())["text"]
+    essays = json.loads(args.essays.read_text())["text"]
     books = [tokenizer.encode(f.read_text(encoding="utf-8")) for f in sorted(args.books.glob("*.txt"))
              if f.name != HELD_OUT_BOOK] + [tokenizer.encode(essays[HELD_OUT_ESSAYS:])]
     args.steps = min(args.steps, max(1, int(args.epochs * sum(len(b) + len(bos) for b in books) / args.seq)))

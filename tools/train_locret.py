@@ -1,7 +1,7 @@
 """Train Locret's retaining heads (locret.py) for SmolLM2-135M-Instruct in a few GPU minutes.
 
     python tools/train_locret.py --out weights/locret_smollm2.safetensors
-    python tools/train_locret.py --device cpu --steps 2 --model ../shared/models/stories260K \
+    python tools/train_locret.py --device cpu --steps 2 --model tests/assets/stories260K \
         --out /tmp/heads.safetensors
 
 As Locret's locret/train/{data_gen,train}.py. A sample is a prefix (the chat template's user turn:
