@@ -13,7 +13,7 @@ each context length and method it measures prefill time (after a warm-up on the 
 tokens, which builds the attention plans of its shapes) and decode time per token with CUDA
 graphs, and prints each beside its floor: prefill FLOPs over the bf16 matmul rate, decode bytes
 (weights + KV read per token) over the copy bandwidth, both measured in the same run. A length
-whose cache does not fit is a row saying so. transformers (its class for the checkpoint, sdpa)
+whose cache does not fit, or that a method's window refuses (yarn's), is a row saying so. transformers (its class for the checkpoint, sdpa)
 runs the same shapes when it is installed, twice: eager with its dynamic cache, as it runs
 by default, and in the fast path its documentation recommends (a StaticCache, each decode step
 compiled with torch.compile's reduce-overhead mode; the compile timed apart).
@@ -31,7 +31,7 @@ from decoding import Decoder, SamplingParams
 from locret import random_heads, ships_heads
 from methods import METHODS, add_options, parse_specs
 from model import ModelConfig, build_model
-from prefill import MemoryShortage, Prompt
+from prefill import MemoryShortage, OptionError, Prompt
 from weights import MODELS, resolve
 
 LLAMA3_8B = ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
@@ -155,7 +155,7 @@ def bench_engine(model, context, label, method, overrides, bandwidth, matmul_rat
             decoder = Decoder(prefilled.model or model, prefilled.cache, int(prefilled.logits.argmax()),
                               prefilled.next_position, DECODE_STEPS, SamplingParams().sampler("cuda"), True)
             decode = timed(lambda: decoder.run(TIMED_STEPS), REPEATS) / TIMED_STEPS
-    except MemoryShortage as e:
+    except (MemoryShortage, OptionError) as e:  # a cache that does not fit; a prompt past yarn's window
         return dict(row, error=str(e))
     flops = prefill_flops(c, prefilled.stats)
     extra = {k: prefilled.stats[k] for k in ("chunks", "kv_bytes", "full_kv_bytes") if k in prefilled.stats}

