@@ -91,6 +91,20 @@ def decode_options(max_new_tokens, temperature, top_p, top_k, seed):
     return SamplingParams(temperature, top_p, top_k, seed)
 
 
+def layout(tok, document, question=None, instruction=None, chat=False):
+    """Token layout of [instruction + document] followed by the question block, in tokenizer
+    `tok`'s ids. The question follows the document verbatim, as prompt templates (LongBench's)
+    expect: put the separator your format needs at its start (the command line puts QUESTION_SEPARATOR)."""
+    instruction = instruction or ""
+    special = dict(bos_id=tok.bos_id, eos_ids=tok.eos_ids)
+    if chat:
+        content = instruction + CONTEXT_MARK + (question or "")
+        before, after = tok.render_chat([{"role": "user", "content": content}]).split(CONTEXT_MARK)
+        return Prompt(tok.encode(before), tok.encode(document), tok.encode(after), **special)
+    head = tok.bos_prefix + (tok.encode(instruction) if instruction else [])
+    return Prompt(head, tok.encode(document), tok.bos_prefix + tok.encode(question) if question else [], **special)
+
+
 def peak_memory(device):
     """Peak bytes: allocated GPU memory on CUDA, the process's resident set on the CPU."""
     if device.type == "cuda":
@@ -119,18 +133,8 @@ class Engine:
     # ------------------------------------------------------------------ prompt layout
 
     def layout(self, document, question=None, instruction=None, chat=False):
-        """Token layout of [instruction + document] followed by the question block. The question
-        follows the document verbatim, as prompt templates (LongBench's) expect: put the
-        separator your format needs at its start (the command line puts QUESTION_SEPARATOR)."""
-        tok = self.tokenizer
-        instruction = instruction or ""
-        special = dict(bos_id=tok.bos_id, eos_ids=tok.eos_ids)
-        if chat:
-            content = instruction + CONTEXT_MARK + (question or "")
-            before, after = tok.render_chat([{"role": "user", "content": content}]).split(CONTEXT_MARK)
-            return Prompt(tok.encode(before), tok.encode(document), tok.encode(after), **special)
-        head = tok.bos_prefix + (tok.encode(instruction) if instruction else [])
-        return Prompt(head, tok.encode(document), tok.bos_prefix + tok.encode(question) if question else [], **special)
+        """layout() in this engine's tokenizer."""
+        return layout(self.tokenizer, document, question, instruction, chat)
 
     def split_question(self, document):
         """A document given without a question: (body, question), the question its last paragraph

@@ -3,6 +3,7 @@ several settings), the engine, tables, output files."""
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -90,3 +92,24 @@ def length_label(n):
 def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def mean_score(rows, **where):
+    """The mean score of the rows whose fields equal `where`'s values."""
+    scores = [r["score"] for r in rows if all(r[k] == v for k, v in where.items())]
+    return sum(scores) / len(scores)
+
+
+def draw_heatmap(grid, columns, rows, xlabel, ylabel, title, path):
+    """grid[i][j] in [0, 1] (NaN where there is none) as a red-to-green image, each cell annotated."""
+    fig, ax = plt.subplots(figsize=(1.1 * len(columns) + 2.5, 0.5 * len(rows) + 1.8))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            ax.text(j, i, "–" if math.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    fig.colorbar(image, ax=ax, label="mean score")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
