@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model import KVCache, apply_rope
+from model import KVCache
+from rope import apply_rope
 from prefill import OptionError, Prefilled, causal_prefill, option
 
 SINK_TOKENS = 4  # StreamingLLM's attention sinks

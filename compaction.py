@@ -7,7 +7,8 @@ compactions.
 
 import torch
 
-from model import KVCache, apply_rope
+from model import KVCache
+from rope import apply_rope
 
 
 class RawKeyCache(KVCache):

@@ -41,7 +41,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import parallelcomp
-from model import CACHE_ALIGN, matmul_f32, merge_lse, scores_f32
+from attention import matmul_f32, merge_lse, scores_f32
+from model import CACHE_ALIGN
 from parallelcomp import ChunkCache, has_bos_head, stored_tokens
 from prefill import OptionError, Prefilled
 from ranks import agree, checked, rank, world

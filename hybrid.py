@@ -29,7 +29,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from model import KVCache, attention, decode_attention
+from attention import attention, decode_attention
+from model import KVCache
 from prefill import OptionError, Prefilled, extend, option
 
 PATTERNS = ("window", "block")

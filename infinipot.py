@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from compaction import RawKeyCache
-from model import scores_f32
+from attention import scores_f32
 from prefill import OptionError, Prefilled, option
 
 GENERIC_CATALYST = "\n\nSummarize the critical points of the text above."

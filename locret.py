@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoint import CheckpointError
 from compaction import RawKeyCache
-from model import attention, scores_f32
+from attention import attention, scores_f32
 from prefill import OptionError, Prefilled, extend, option
 
 LOCAL_TOKENS = 100  # the uncompressed tail at least (Locret's local_len)

@@ -1,4 +1,5 @@
-"""The Llama decoder: config, RoPE, attention and the KV cache (checkpoint.py loads weights into it).
+"""The Llama decoder and its KV cache (checkpoint.py loads weights into it; rope.py and attention.py
+hold RoPE and the attention backends it calls).
 
 Every forward takes explicit positions (ParallelComp restarts them in each chunk) and an
 `attend(layer, q, k, v)` function that decides where keys and values go and what each query
@@ -7,19 +8,15 @@ parallelcomp.py. Keys reach `attend` already rotated, so a cached key keeps its 
 """
 
 import copy
-import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
-try:
-    from flash_attn.cute import flash_attn_func  # flash-attn-4 (CuTe DSL): Hopper and Blackwell
-except ImportError:
-    flash_attn_func = None
+from attention import attention, decode_attention, matmul_f32
+from rope import apply_rope, dynamic_ntk_frequencies, rope_frequencies, rope_temperature
+
 try:
     import llama_triton as kernels  # Triton kernels for CUDA tensors; the PyTorch code here otherwise
 except ImportError:
@@ -28,11 +25,6 @@ if getattr(kernels, "KERNELS_FOR", None) != "model.py":  # a module of that name
     kernels = None
 
 CACHE_ALIGN = 256  # KV cache capacity granularity, in tokens
-# On H100/H200 with torch 2.11, cuDNN attention ran causal prefill about 2x faster than
-# PyTorch's flash backend; SDPA skips backends that cannot take the inputs.
-PREFILL_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-HALF = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -56,172 +48,6 @@ class ModelConfig:
     def rope_type(self):
         s = self.rope_scaling or {}
         return s.get("rope_type", s.get("type", "default"))
-
-
-# ---------------------------------------------------------------------------- RoPE
-
-def rope_frequencies(config):
-    """Inverse frequencies (head_dim/2,) in float64, with linear, Llama-3.1 or YaRN scaling applied.
-
-    Angles (position * frequency) are formed in float64: in float32, the frequency's rounding
-    (2^-24 relative) and the product's (an ulp is 0.03 rad just below 2^19) each move an angle
-    at position 5e5 by up to 0.016-0.03 rad, and rotated vectors came out 3e-3 off there."""
-    d = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    s = config.rope_scaling or {}
-    if config.rope_type == "linear":
-        inv_freq = inv_freq / s["factor"]
-    elif config.rope_type == "llama3":
-        # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
-        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        old_window = s["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        blend = ((old_window / wavelen - low) / (high - low)).clamp(0, 1)
-        inv_freq = (1 - blend) * inv_freq / factor + blend * inv_freq
-    elif config.rope_type == "yarn":
-        inv_freq = yarn_frequencies(config, inv_freq)
-    return inv_freq
-
-
-def yarn_frequencies(config, inv_freq):
-    """YaRN (Peng et al., arXiv 2309.00071), as Hugging Face reads its rope_scaling: a dimension pair
-    that turns fewer than beta_slow (1) times over the original window is slowed by `factor`, one
-    that turns more than beta_fast (32) times is kept, and a ramp in the pair's index blends those
-    between (its ends rounded outwards unless `truncate` is false). Unlike Hugging Face, `factor`
-    must be given (it does not default to the ratio of the two windows)."""
-    s, d = config.rope_scaling, config.head_dim
-    window = s.get("original_max_position_embeddings", config.max_position_embeddings)
-
-    def pair_turning(turns):  # the (fractional) pair index whose wavelength fits `turns` times in the window
-        return d * math.log(window / (turns * 2 * math.pi)) / (2 * math.log(config.rope_theta))
-
-    low, high = pair_turning(s.get("beta_fast") or 32), pair_turning(s.get("beta_slow") or 1)
-    if s.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, d - 1)
-    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low or 1e-3)).clamp(0, 1)
-    return (1 - ramp) * inv_freq + ramp * inv_freq / s["factor"]
-
-
-def rope_temperature(config):
-    """The factor YaRN scales cos and sin by, so q·k by its square: `attention_factor`, else
-    0.1 ln(factor) + 1, or that formula's ratio at `mscale` and `mscale_all_dim` when both are
-    given (DeepSeek's configs; their attention layers also scale q·k by mscale_all_dim, which a
-    Llama or Qwen2 has no use for). 1 for every other RoPE."""
-    if config.rope_type != "yarn":
-        return 1.0
-    s = config.rope_scaling
-    if s.get("attention_factor") is not None:
-        return float(s["attention_factor"])
-
-    def mscale(scale=1.0):
-        return 1.0 if s["factor"] <= 1 else 0.1 * scale * math.log(s["factor"]) + 1.0
-
-    if s.get("mscale") and s.get("mscale_all_dim"):
-        return mscale(s["mscale"]) / mscale(s["mscale_all_dim"])
-    return mscale()
-
-
-def dynamic_ntk_frequencies(config, inv_freq, positions):
-    """Dynamic NTK scaling: the base grows with the longest position in this forward, as in
-    Hugging Face, computed on the device so that a captured decode step stays valid."""
-    d, window, factor = config.head_dim, config.max_position_embeddings, config.rope_scaling["factor"]
-    seq_len = (positions.max() + 1).clamp(min=window).float()
-    base = config.rope_theta * (factor * seq_len / window - (factor - 1)) ** (d / (d - 2))
-    exponents = torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d
-    return base ** -exponents
-
-
-def apply_rope(x, cos, sin):
-    """Rotate the half-split pairs (i, i + D/2) of x (B, H, T, D) by angles given as cos/sin (B, 1, T, D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
-# ---------------------------------------------------------------------------- attention
-
-def attention(q, k, v, mask=None):
-    """Softmax attention with GQA. q (B, H, Tq, D); k, v (B, H_kv, Tk, D) -> (B, H, Tq, D).
-
-    mask: bool (B|1, H|1, Tq, Tk), True = may attend; None = causal aligned to the bottom
-    right (query i is the key at Tk - Tq + i), which is what prefill after a cache needs.
-    """
-    if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    if flash_attn_func is not None and q.is_cuda and q.dtype in HALF:
-        out, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        return out.transpose(1, 2)
-    if q.shape[2] == k.shape[2]:
-        with sdpa_kernel(PREFILL_BACKENDS, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    if q.is_cuda and not cudnn_takes(q):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
-                                              enable_gqa=True)
-    return causal_after_cache(q, k, v)
-
-
-def cudnn_takes(q):
-    """Whether cuDNN's attention takes these queries: 16-bit, head size a multiple of 8 up to 128."""
-    D = q.shape[-1]
-    return q.dtype in HALF and D % 8 == 0 and D <= 128
-
-
-def causal_after_cache(q, k, v):
-    """Bottom-right causal attention as two fast unmasked/top-left causal calls merged by their
-    log-sum-exp: the Tk - Tq keys before the queries, all visible, and the queries' own keys,
-    causal. PyTorch's SDPA serves a bottom-right mask only with its flash kernel ([H200] 346
-    TFLOP/s for an 8K piece after a 120K cache, against 592 for these two cuDNN calls)."""
-    before = k.shape[2] - q.shape[2]
-    parts = [attention_with_lse(q, k[:, :, :before], v[:, :, :before], causal=False),
-             attention_with_lse(q, k[:, :, before:], v[:, :, before:], causal=True)]
-    outs, lses = (torch.stack(x) for x in zip(*parts))
-    return merge_lse(outs.float(), lses).to(q.dtype)
-
-
-def attention_with_lse(q, k, v, causal):
-    """(out (B, H, Tq, D), lse (B, H, Tq) float32) of SDPA's flash kernels: cuDNN's on a GPU,
-    which takes GQA as it is; the CPU's, which needs every query head's keys."""
-    if q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, is_causal=causal)[:2]
-    else:
-        G = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal)
-    return out, lse.reshape(q.shape[:3]).float()
-
-
-def matmul_f32(a, b):
-    """a (N, M, K) @ b (N, K, P) -> float32 (N, M, P). On a GPU 16-bit inputs are multiplied with
-    float32 output, not rounded to 16 bits first (logits and attention scores need the digits)."""
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return (a @ b).float()
-
-
-def scores_f32(q, k):
-    """q (B, H_kv, G, D) @ k (B, H_kv, S, D)ᵀ -> (B, H_kv, G, S) in float32, scaled by 1/sqrt(D)."""
-    B, Hkv, G, D = q.shape
-    s = matmul_f32(q.reshape(B * Hkv, G, D), k.reshape(B * Hkv, -1, D).transpose(1, 2))
-    return s.view(B, Hkv, G, -1) * D ** -0.5
-
-
-def merge_lse(outs, lses):
-    """Attention over the union of disjoint key sets from each set's (out, lse): outs (W, ..., D),
-    lses (W, ...) -> (..., D)."""
-    return ((lses - lses.logsumexp(0)).exp()[..., None] * outs).sum(0)
-
-
-def decode_attention(q, k, v, visible):
-    """One query token per sequence against a static cache, with no host sync (graph-safe).
-
-    q (B, H, 1, D); k, v (B, H_kv, S_max, D); visible: bool (S_max,), True for the live slots.
-    The plain matmul form reads the cache once at near copy bandwidth; SDPA with a mask does not.
-    """
-    B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    s = scores_f32(q.view(B, Hkv, H // Hkv, D), k)  # a KV head's query group as rows
-    s = s.masked_fill(~visible, float("-inf"))
-    return (s.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)
 
 
 class KVCache:

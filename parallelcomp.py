@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import KVCache, attention, scores_f32
+from attention import attention, scores_f32
+from model import KVCache
 from prefill import OptionError, Prefilled, free_memory, option, prefill_bytes_per_token
 
 OBSERVATION_WINDOW = 8  # last question tokens whose attention scores a chunk's tokens (KV eviction)

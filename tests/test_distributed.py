@@ -27,7 +27,7 @@ from conftest import BOOKS, STORIES
 from decoding import SamplingParams, decode
 from distributed import attention_lse
 from parallelcomp import Calibration, ChunkEncoder, ParallelCompConfig, chunk_spans
-from model import merge_lse
+from attention import merge_lse
 from prefill import Prompt
 from ranks import decoded
 from reference import load_float64, ref_forward, rel_err

@@ -13,7 +13,6 @@ import hashlib
 import json
 import zipfile
 from dataclasses import replace
-from pathlib import Path
 
 import gguf
 import numpy as np

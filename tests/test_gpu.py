@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-import model
+import attention
 from baselines import BaselineConfig, YarnConfig
 from checkpoint import load_model
 from conftest import QWEN25, REPO, needs_qwen25
@@ -95,9 +95,9 @@ def test_graph_decode_equals_eager_decode(engine, method):
     ("flash-attn-4", 32, 8, 128, 0), ("flash-attn-4", 32, 8, 128, 3000), ("flash-attn-4", 9, 3, 64, 5000)])
 def test_prefill_attention_kernels_equal_sdpa(kernel, H, H_kv, D, before):
     """The fast prefill paths (two cuDNN calls merged by log-sum-exp after a cache; flash-attn-4,
-    which model.attention takes when it is installed) against SDPA's bottom-right causal mask in
+    which attention.attention takes when it is installed) against SDPA's bottom-right causal mask in
     float32, on 1,000 bf16 queries."""
-    if kernel == "flash-attn-4" and model.flash_attn_func is None:
+    if kernel == "flash-attn-4" and attention.flash_attn_func is None:
         pytest.skip("flash-attn-4 is not installed")
     gen = torch.Generator("cuda").manual_seed(before)
     q = torch.randn(1, H, 1000, D, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -105,7 +105,7 @@ def test_prefill_attention_kernels_equal_sdpa(kernel, H, H_kv, D, before):
             for _ in range(2))
     mask = causal_lower_right(1000, before + 1000)
     expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
-    fast = model.causal_after_cache if kernel == "cudnn" else model.attention
+    fast = attention.causal_after_cache if kernel == "cudnn" else attention.attention
     assert (fast(q, k, v).float() - expected).abs().max() <= 1e-2
 
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attention
 import model
+import rope
 from checkpoint import load_model
 from reference import ref_forward, ref_rmsnorm, rel_err
 from conftest import hf_config, random_tensors, write_checkpoint
@@ -40,8 +42,8 @@ def test_rotary(dtype, B, T, H, Hkv, D):
     qkv = torch.randn(B, T, (H + 2 * Hkv) * D, device="cuda", dtype=dtype)
     angles = torch.rand(B, 1, T, D // 2, device="cuda") * 1000
     q, k = kernels.rotary(qkv, angles.cos(), angles.sin(), H, Hkv, D)
-    q_ref = model.apply_rope(qkv[..., :H * D].view(B, T, H, D).transpose(1, 2), angles.cos(), angles.sin())
-    k_ref = model.apply_rope(qkv[..., H * D:(H + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2), angles.cos(), angles.sin())
+    q_ref = rope.apply_rope(qkv[..., :H * D].view(B, T, H, D).transpose(1, 2), angles.cos(), angles.sin())
+    k_ref = rope.apply_rope(qkv[..., H * D:(H + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2), angles.cos(), angles.sin())
     assert q.shape == q_ref.shape and k.shape == k_ref.shape
     assert rel_err(q, q_ref) <= TOL[dtype] and rel_err(k, k_ref) <= TOL[dtype]
 
@@ -131,7 +133,7 @@ def test_decode_attend(dtype, H, Hkv, D, capacity, live):
     assert length.item() == live
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
     live = torch.arange(k_cache.shape[2], device="cuda") < length
-    assert rel_err(out, model.decode_attention(q, k_cache, v_cache, live)) <= TOL[dtype]
+    assert rel_err(out, attention.decode_attention(q, k_cache, v_cache, live)) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("B, H, Hkv, D", [(1, 9, 3, 64), (2, 32, 8, 128)])
@@ -155,7 +157,7 @@ def test_decode_attend_replays(B, H, Hkv, D):
         assert length.item() == n + 1
         assert torch.equal(k_cache[:, :, n], k[:, :, 0]) and torch.equal(v_cache[:, :, n], v[:, :, 0])
         live = torch.arange(capacity, device="cuda") <= n
-        assert rel_err(out, model.decode_attention(q, k_cache, v_cache, live)) <= TOL[torch.float32]
+        assert rel_err(out, attention.decode_attention(q, k_cache, v_cache, live)) <= TOL[torch.float32]
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

@@ -22,7 +22,9 @@ import torch
 from checkpoint import load_model
 from compaction import RawKeyCache
 from conftest import REPO, STORIES, hf_config, random_tensors, write_checkpoint
-from model import KVCache, attention, rope_frequencies, rope_temperature
+from attention import attention
+from model import KVCache
+from rope import rope_frequencies, rope_temperature
 from reference import (load_float64, ref_forward, ref_head_dim, ref_inv_freq, ref_rope_type, ref_rotations,
                        ref_temperature, rel_err)
 
@@ -368,10 +370,11 @@ print(json.dumps(dict(model=model.__file__, modules=sorted(sys.modules), path=sy
 """
 
 
-def test_model_py_and_llama_triton_py_are_all_a_copy_needs(tmp_path):
-    """The two files copied into another project run a Llama there: no other module of this
-    repository is imported (nor on the path; torch comes from the interpreter's site-packages)."""
-    for name in ("model.py", "llama_triton.py"):
+def test_model_py_and_its_three_modules_are_all_a_copy_needs(tmp_path):
+    """model.py, rope.py, attention.py and llama_triton.py copied into another project run a Llama
+    there: no other module of this repository is imported (nor on the path; torch comes from the
+    interpreter's site-packages)."""
+    for name in ("model.py", "rope.py", "attention.py", "llama_triton.py"):
         shutil.copy(REPO / name, tmp_path / name)
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     p = subprocess.run([sys.executable, "-c", ALONE], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -384,7 +387,7 @@ def test_model_py_and_llama_triton_py_are_all_a_copy_needs(tmp_path):
                and not Path(entry).resolve().is_relative_to(Path(out["prefix"]).resolve())]
     assert in_repo == []
     ours = {f.stem for f in REPO.glob("*.py")} | {"weights", "tests", "eval", "tools", "reference", "conftest"}
-    assert set(out["modules"]) & ours <= {"model", "llama_triton"}  # llama_triton where Triton imports
+    assert set(out["modules"]) & ours <= {"model", "rope", "attention", "llama_triton"}  # llama_triton: with Triton
     assert out["shape"] == [2, 7, 50] and out["finite"]
 
 

@@ -7,7 +7,6 @@ files' layouts, zipped as the data wheel holds them. Prompt lengths are counted 
 """
 
 import json
-import math
 import re
 import shutil
 import sys
