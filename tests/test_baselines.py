@@ -11,7 +11,7 @@ import torch
 import baselines
 from baselines import BaselineConfig, YarnConfig
 from conftest import BOOKS, STORIES, Stories
-from engine import Engine
+from engine import Engine, cli_message
 from prefill import OptionError, Prompt
 from reference import ref_forward, ref_rotations, rel_err
 
@@ -208,10 +208,10 @@ def test_yarn_refusals(s):
     with pytest.raises(OptionError) as e:
         baselines.prefill_yarn(s.model, prompt, YarnConfig(factor=2.0), 200)  # 898 + 200 > 1024
     assert e.value.param == "factor" and "YaRN's 1,024-token window" in str(e.value)
-    assert e.value.named("--yarn-factor").count("--yarn-factor") == 2
+    assert cli_message(e.value).count("--yarn-factor") == 2
     with pytest.raises(OptionError, match="factor must be at least 1"):
         baselines.prefill_yarn(s.model, prompt, YarnConfig(factor=0.5), 10)
     scaled = s.model.with_rope_scaling({"rope_type": "linear", "factor": 2.0}, 1024)
     with pytest.raises(OptionError) as e:
         baselines.prefill_yarn(scaled, prompt, YarnConfig(), 10)
-    assert e.value.param == "method" and "linear scaling" in e.value.named("--method")
+    assert e.value.param == "method" and "--method yarn" in cli_message(e.value) and "linear scaling" in str(e.value)
