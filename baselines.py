@@ -97,7 +97,7 @@ def prefill_streaming(model, prompt, config, answer_budget, on_progress=None):
 @dataclass(frozen=True)
 class YarnConfig:
     factor: float = option(4.0, "YaRN's factor: the window becomes this many times the trained one",
-                           flag="--yarn-factor")
+                           flag="--yarn-factor", metavar="FACTOR")
 
     def validate(self, model_config):
         if not self.factor >= 1:

@@ -13,11 +13,17 @@ ParallelComp (parallelcomp.py) when it does not, or any method of methods.py by 
 The engine reaches the methods only through methods.METHODS.
 """
 
+import sys
+
+if __name__ == "__main__":  # python engine.py: through the entry point, which also handles Ctrl-C while torch loads
+    import cli
+    sys.exit(cli.main())
+
 import argparse
+import codecs
 import json
 import os
 import resource
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,8 +33,8 @@ import torch
 import ranks
 from checkpoint import CheckpointError, load_model, read_hf_config
 from decoding import SamplingParams, decode
-from methods import (AUTO, AUTO_CANDIDATES, AUTO_FITS, AUTO_LONG, METHODS, add_options, checkpoint_configs, flag_of,
-                     given_options)
+from methods import (AUTO, AUTO_CANDIDATES, AUTO_FITS, AUTO_LONG, METHODS, HelpFormatter, add_options,
+                     checkpoint_configs, flag_of, given_options)
 from prefill import MemoryShortage, OptionError, Prompt
 from ranks import RankError
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError
@@ -303,23 +309,29 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompt", required=True, help="text file with the document, or - for stdin")
-    p.add_argument("--question", help="question about the document, asked after a blank line (default: its last "
-                                      "paragraph when it is long); with it the document may be empty")
-    p.add_argument("--model", default=DEFAULT, help="a Hugging Face checkpoint directory, or an embedded model "
-                                                    f"fetched on first use: {', '.join(MODELS)}")
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--prompt", required=True, metavar="FILE",
+                   help="text file (UTF-8) with the document, or - for standard input")
+    p.add_argument("--question", metavar="TEXT",
+                   help="question about the document, asked after a blank line (default: its last paragraph when "
+                        "it is long); with it the document may be empty")
+    p.add_argument("--model", default=DEFAULT, metavar="MODEL",
+                   help="a Hugging Face checkpoint directory, or an embedded model fetched on first use: "
+                        f"{', '.join(MODELS)}")
     p.add_argument("--method", choices=(AUTO, *METHODS), default=AUTO,
                    help="auto = the method a checkpoint was trained for (hybrid), else full attention when the "
                         "prompt fits the trained window, else parallelcomp; a method's options apply when it runs")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                   help="the answer's budget: at most N generated tokens")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling: draw from the most likely tokens that make up P of the probability "
+                        "(1 = all)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="draw from the K most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, metavar="N", help="sampling seed, for a repeatable draw (default: random)")
+    p.add_argument("--device", metavar="DEVICE", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="default: bfloat16 on a GPU, float32 on the CPU")
+                   help="the weights' and activations' type (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on a GPU, for comparison")
     p.add_argument("--json", action="store_true",
@@ -335,9 +347,17 @@ def parse_args(argv):
     return args
 
 
+# The byte-order marks of the Unicode encodings a prompt may be saved in that are not UTF-8; UTF-32 LE's starts with
+# UTF-16 LE's, so it comes first
+UNICODE_BOMS = (("UTF-32", codecs.BOM_UTF32_LE), ("UTF-32", codecs.BOM_UTF32_BE), ("UTF-16", codecs.BOM_UTF16_LE),
+                ("UTF-16", codecs.BOM_UTF16_BE))
+
+
 def read_prompt(path, asked=False):
     """The document in file `path` (- for stdin), which must be UTF-8 text, and not empty unless
     a question is `asked` about it (the question alone is then the prompt, as in Engine.generate)."""
+    if not path:
+        raise EngineError("--prompt is empty: give a text file, or - for standard input")
     name = "from standard input" if path == "-" else path
     try:
         data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
@@ -347,6 +367,10 @@ def read_prompt(path, asked=False):
         raise EngineError(f"the prompt {path} is a directory, not a text file")
     except OSError as e:
         raise EngineError(f"cannot read the prompt {path}: {e.strerror}")
+    encoding = next((encoding for encoding, bom in UNICODE_BOMS if data.startswith(bom)), None)
+    if encoding:
+        raise EngineError(f"the prompt {name} is {encoding} text (it starts with a {encoding} byte-order mark): "
+                          f"save it as UTF-8")
     nul = data.find(b"\0")
     if nul >= 0:
         raise EngineError(f"the prompt {name} looks like a binary file (NUL byte at byte {nul}), not text")
@@ -388,18 +412,25 @@ def out_of_memory(error):
     return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
 
 
-def memory_advice(gpu, method):
-    """What to lower: the answer budget, the options that bound the method's memory (once it is
-    known: `method` may be auto), the prompt."""
+def cli_flag(param):
+    """The command-line flag of a parameter of Engine.generate or of a method's config."""
+    return flag_of(param) or "--" + param.replace("_", "-")
+
+
+def memory_advice(gpu, method, given=()):
+    """What to lower: the options that bound the method's memory (once it is known: `method` may
+    be auto) that were `given` (field names), the likeliest cause, then the answer budget and the
+    method's other such options, the prompt."""
     sizes = METHODS[method].memory_options if method in METHODS else ()
-    lower = ", ".join(["--max-new-tokens", *(flag_of(f, [method]) for f in sizes)])
+    order = [f for f in sizes if f in given] + ["max_new_tokens"] + [f for f in sizes if f not in given]
+    lower = ", ".join(map(cli_flag, order))
     return (f"out of {'GPU ' if gpu else ''}memory: lower {lower}, or shorten the prompt; or use --dtype bfloat16"
             + (" or --device cpu" if gpu else ""))
 
 
 def cli_message(error):
     """An OptionError in the command line's words: the flag of each option it names."""
-    return error.named(lambda param: flag_of(param) or "--" + param.replace("_", "-"))
+    return error.named(cli_flag)
 
 
 def planned(args, log):
@@ -456,13 +487,17 @@ def main(argv=None):
     try:
         engine, plan, sampling = planned(args, log)
         method = plan.method
+        if ranks.world() > 1 and not METHODS[method].spans_processes:
+            log(f"note: {method} runs whole in each of the {ranks.world()} processes (only parallelcomp divides "
+                f"its work among them)")
         report(answer(engine, plan, sampling, args, bar), args)
         return 0
     except Interrupted as e:
         report(e.generation, args)
         return 130
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if leader:
+            print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early (| head): stop, and let the exit's flush write nowhere
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -474,13 +509,10 @@ def main(argv=None):
     except RuntimeError as e:
         if not out_of_memory(e):
             raise
-        message = memory_advice(isinstance(e, torch.OutOfMemoryError), method)
+        message = memory_advice(isinstance(e, torch.OutOfMemoryError), method, given_options(args).get(method, {}))
         if not leader:  # where the ranks compute in lockstep, no other rank can report it
             print(f"error: rank {ranks.rank()}: {message}", file=sys.stderr)
     if leader:
         print(f"error: {message}", file=sys.stderr)
     return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -55,7 +55,8 @@ def parse_layers(text):
 @dataclass(frozen=True)
 class HybridConfig:
     pattern: str = option("window", "sparse layers' attention: window (sink + recent tokens) or block "
-                          "(local + strided blocks)", parse=parse_pattern, flag="--hybrid-pattern")
+                          "(local + strided blocks)", parse=parse_pattern, flag="--hybrid-pattern",
+                          metavar="{" + ",".join(PATTERNS) + "}")
     sink_tokens: int = option(64, "window pattern: first tokens every sparse layer keeps")
     window_tokens: int = option(1984, "window pattern: most recent tokens (the query included) a sparse layer keeps")
     block_tokens: int = option(64, "block pattern: tokens per block")

@@ -57,15 +57,15 @@ LOGIT_ROWS = 1024  # hidden rows per LM-head block when scoring NuC: memory stay
 
 @dataclass(frozen=True)
 class InfiniPotConfig:
-    pot_tokens: int | None = option(None, "M, the KV cache (pot) size in tokens; default: min(4096, what the "
-                                    "window leaves after the catalyst, question and answer)", parse=int, metavar="M")
-    pot_keep: int | None = option(None, "C, tokens kept per KV head when the pot is distilled; default M // 2",
+    pot_tokens: int | None = option(None, "M, the KV cache (pot) size in tokens (default: min(4096, what the "
+                                    "window leaves after the catalyst, question and answer))", parse=int, metavar="M")
+    pot_keep: int | None = option(None, "C, tokens kept per KV head when the pot is distilled (default: M // 2)",
                                   parse=int, metavar="C")
     nuc_ratio: float = option(0.5, "α, the share of the C kept tokens chosen by novelty (NuC), the rest by "
                                    "the catalyst's attention (CaP)", metavar="ALPHA")
     catalyst: str | tuple[int, ...] = option("generic", "the catalyst prompt: generic (a summarise-the-text prompt), "
                                               "question (the user's question) or literal TEXT",
-                                   metavar="generic|question|TEXT")
+                                   metavar="TEXT")
 
     def validate(self, model_config):
         window = model_config.max_position_embeddings

@@ -161,18 +161,19 @@ def load_heads(path, model_config):
 @dataclass(frozen=True)
 class LocretConfig:
     budget: int | None = option(
-        None, "cache entries each layer and KV head keeps between chunks (B); default: half the "
-        "trained window, at most 16384, and at most what the prompt's tail and the answer leave", parse=int)
+        None, "B, the cache entries each layer and KV head keeps between chunks (default: half the "
+        "trained window, at most 16384, and at most what the prompt's tail and the answer leave)", parse=int,
+        metavar="B")
     locret_chunk: int | None = option(
-        None, "prompt tokens prefilled per chunk (S); default: an eighth of the trained window, "
-        "at most 1024", parse=int)
+        None, "S, the prompt tokens prefilled per chunk (default: an eighth of the trained window, "
+        "at most 1024)", parse=int, metavar="S")
     stabilizers: int | None = option(
-        None, "most recent tokens always kept while chunks remain (n_s); default: 5/32 of the budget",
+        None, "n_s, the most recent tokens always kept while chunks remain (default: 5/32 of B)",
         parse=int)
     # A path, or heads already loaded by `with_heads` (an engine loads them once, not per prompt).
     retaining_heads: "str | RetainingHeads | None" = option(
-        None, "retaining heads (.safetensors, or Locret's .bin); default: the shipped heads of "
-        "SmolLM2-135M", parse=str, metavar="PATH")
+        None, "retaining heads, .safetensors or Locret's .bin (default: the shipped heads of "
+        "SmolLM2-135M)", parse=str, metavar="FILE")
 
     def settings(self, model_config, after=0):
         """(B, S, n_s), defaults scaled to the trained window from Locret's Llama-3.1-8B runs

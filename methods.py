@@ -30,6 +30,7 @@ class Method:
     # None; a bad entry raises ValueError naming its key. Under auto the checkpoint runs this method.
     from_checkpoint: Callable | None = None
     memory_options: tuple = ()  # config fields that bound its memory: what an out-of-memory message says to lower
+    spans_processes: bool = False  # divides its work among torchrun's processes; any other runs whole in each
 
     def ready(self, config, model, encode):
         """`config` validated against the model and prepared for prefill."""
@@ -40,7 +41,7 @@ class Method:
 METHODS = {
     "parallelcomp": Method(distributed.prefill, parallelcomp.ParallelCompConfig, True,  # over torchrun's processes
                            "chunks encoded in parallel, the least relevant to the question evicted",
-                           memory_options=("chunk_tokens", "top_k_chunks", "kv_budget")),
+                           memory_options=("chunk_tokens", "top_k_chunks", "kv_budget"), spans_processes=True),
     "full": Method(baselines.prefill_full, baselines.BaselineConfig, False,
                    "plain causal attention over the whole prompt"),
     "truncate": Method(baselines.prefill_truncate, baselines.BaselineConfig, False,
@@ -56,7 +57,8 @@ METHODS = {
                      prepare=locret.LocretConfig.prepared, memory_options=("budget", "locret_chunk")),
     "hybrid": Method(hybrid.prefill, hybrid.HybridConfig, False,
                      "LongGen's pattern: the middle third of the layers full attention, the others sink + window",
-                     from_checkpoint=hybrid.layout_from_config),
+                     from_checkpoint=hybrid.layout_from_config,
+                     memory_options=("window_tokens", "sink_tokens", "local_blocks", "block_tokens")),
 }
 # auto (Engine.plan decides): the method a checkpoint was trained for (from_checkpoint), else AUTO_FITS
 # when the prompt and the answer fit the trained window, else AUTO_LONG
@@ -94,15 +96,26 @@ def argument_type(parse):
     return convert
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help with "(default: X)" after an option's help where it has a default its help does not
+    already give (add_options writes the methods' own: their flags are not set when not given)."""
+
+    def _get_help_string(self, action):
+        unsaid = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        return action.help + " (default: %(default)s)" if unsaid and "default" not in action.help else action.help
+
+
 def add_options(parser, names=METHODS):
-    """One argument group per method, with a flag per config field; a flag not given is not set."""
+    """One argument group per method, with a flag per config field; a flag not given is not set.
+    A field without a metavar is a count: N."""
     for name in names:
         group = parser.add_argument_group(f"--method {name}")
         for f in fields(METHODS[name].config):
             meta = f.metadata
             default = "" if f.default is None else f" (default: {f.default})"
             group.add_argument(flag(f), dest=dest(name, f), type=argument_type(meta["parse"]),
-                               default=argparse.SUPPRESS, metavar=meta["metavar"], help=meta["help"] + default)
+                               default=argparse.SUPPRESS, metavar=meta["metavar"] or "N",
+                               help=meta["help"] + default)
 
 
 def given_options(args):

@@ -68,15 +68,16 @@ def kv_placement(text):
 class ParallelCompConfig:
     chunk_tokens: int | None = option(None, "context tokens per chunk (default: what the trained window leaves "
                                       "after the head, the question and the answer)", parse=int)
-    top_k_chunks: int = option(3, "chunks kept (chunk eviction; the original keeps 1 for retrieval)")
-    kv_budget: int | None = option(None, "context tokens kept per KV head in each chunk (parallel KV-cache "
-                                   "eviction; default: off)", parse=int)
+    top_k_chunks: int = option(3, "chunks kept (chunk eviction; the original keeps 1 for retrieval)", metavar="K")
+    kv_budget: int | None = option(None, "context tokens kept per KV head in each chunk, by parallel KV-cache "
+                                   "eviction (default: off)", parse=int)
     calibration: Calibration | None = option(None, "attention calibration in layers FIRST..LAST of the query "
                                              "pass, e.g. sink:3-6 (default: off)", parse=Calibration.parse,
                                              flag="--calibrate", metavar="REGION:FIRST-LAST")
     kv_placement: str = option("gather", "with several processes (torchrun): gather = the kept chunks' K/V go to "
                                "rank 0, which decodes alone; sharded = they stay where they were encoded and "
-                               "attention is merged across processes", parse=kv_placement, metavar="{gather,sharded}")
+                               "attention is merged across processes", parse=kv_placement,
+                               metavar="{" + ",".join(KV_PLACEMENTS) + "}")
 
     def validate(self, model_config):
         window, n_layers = model_config.max_position_embeddings, model_config.n_layers

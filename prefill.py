@@ -60,8 +60,8 @@ def available_memory(meminfo="/proc/meminfo"):
 
 def option(default, help, parse=None, flag=None, metavar=None):
     """A config field with what the command line needs: its help, how to parse a value (int,
-    float, str or a parser raising ValueError; default: the type of `default`) and, when it
-    differs from --field-name, its flag."""
+    float, str or a parser raising ValueError; default: the type of `default`), when it differs
+    from --field-name its flag, and its value's name in --help where it is not a count (N)."""
     return field(default=default, metadata=dict(help=help, parse=parse or type(default), flag=flag, metavar=metavar))
 
 

@@ -6,6 +6,7 @@ engine.main in-process (one torch import); the ones about the process itself (a 
 standard input) run `python engine.py` in a subprocess.
 """
 
+import codecs
 import io
 import json
 import os
@@ -16,6 +17,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +29,9 @@ from conftest import REPO, STORIES, shared
 from engine import ProgressBar, main, memory_advice
 from checkpoint import load_model
 from locret import random_heads, save_heads
-from methods import METHODS
-from parallelcomp import chunk_spans
+from hybrid import PATTERNS
+from methods import METHODS, flag_of
+from parallelcomp import KV_PLACEMENTS, chunk_spans
 from reference import load_float64, ref_greedy
 from tokenizer import Tokenizer
 MODEL = ["--model", str(STORIES), "--device", "cpu"]
@@ -89,6 +94,14 @@ PROMPT_ERRORS = {
                r"the prompt \S+p.gif looks like a binary file \(NUL byte at byte 6\), not text"),
     "latin-1": (lambda tmp: write(tmp / "p.txt", "Once upon a time\nthere was a café.".encode("latin-1")),
                 r"the prompt \S+p.txt is not text: invalid UTF-8 at byte 32 \(line 2\); save it as UTF-8"),
+    # before, these were a binary file (UTF-16's NUL bytes) and a directory (the empty path is .)
+    "UTF-16": (lambda tmp: write(tmp / "p.txt", codecs.BOM_UTF16_LE + "Once upon a time".encode("utf-16-le")),
+               r"the prompt \S+p.txt is UTF-16 text \(it starts with a UTF-16 byte-order mark\): save it as UTF-8$"),
+    "UTF-16 BE": (lambda tmp: write(tmp / "p.txt", codecs.BOM_UTF16_BE + "Once upon a time".encode("utf-16-be")),
+                  r"the prompt \S+p.txt is UTF-16 text \(it starts with a UTF-16 byte-order mark\)"),
+    "UTF-32": (lambda tmp: write(tmp / "p.txt", codecs.BOM_UTF32_LE + "Once upon a time".encode("utf-32-le")),
+               r"the prompt \S+p.txt is UTF-32 text \(it starts with a UTF-32 byte-order mark\): save it as UTF-8$"),
+    "no file name": (lambda tmp: "", r"^error: --prompt is empty: give a text file, or - for standard input$"),
 }
 
 
@@ -154,6 +167,15 @@ CHECKPOINT_ERRORS = {
                              r"model/config.json: rope_theta must be a positive number, not -10000.0$"),
     "head_dim 0": (lambda tmp: checkpoint(tmp, config={"head_dim": 0}),
                    r"model/config.json: head_dim must be a positive integer, not 0$"),
+    # before, "inconsistent sizes (heads 9, KV heads 4, head_dim 8)" or a tensor's shape without the field
+    "heads": (lambda tmp: checkpoint(tmp, config={"num_attention_heads": 9}),
+              r"model/config.json: num_attention_heads \(9\) must be a multiple of num_key_value_heads \(4\)$"),
+    "vocabulary": (lambda tmp: checkpoint(tmp, config={"vocab_size": 100}),
+                   r"model.safetensors: tensor model.embed_tokens.weight has shape \(512, 64\), expected \(100, 64\) "
+                   r"from config.json's vocab_size$"),
+    "more layers": (lambda tmp: checkpoint(tmp, config={"num_hidden_layers": 7}),
+                    r"model: no tensors for layers 5 and above: the checkpoint has 5 layers, config.json's "
+                    r"num_hidden_layers says 7$"),
     "a bias flag as text": (lambda tmp: checkpoint(tmp, config={"tie_word_embeddings": "true"}),
                             r"model/config.json: tie_word_embeddings must be true or false, not 'true'$"),
     # a hybrid layout that does not fit: before, ZeroDivisionError tracebacks or, for [3, 1], no full layer
@@ -236,6 +258,45 @@ def test_malformed_command_line_is_one_line_with_status_2(options, capsys):
     assert_one_line_error(exit.value.code, out, err, MALFORMED[options], status=2)
 
 
+def help_options(text):
+    """The options --help describes: {invocation ("--flag METAVAR"): help}, wrapped lines joined."""
+    options, last = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            last, _, words = line.strip().partition("  ")
+            options[last] = words.strip()
+        elif line.startswith("    ") and last:
+            options[last] = f"{options[last]} {line.strip()}".strip()
+        else:
+            last = None
+    return options
+
+
+def test_help_gives_every_option_help_a_named_value_and_its_default_once(monkeypatch, capsys):
+    """Before, --max-new-tokens, --top-p and --seed had no help, five options ended in "(default: None)"
+    after their own default, and metavars mixed PARALLELCOMP.CHUNK_TOKENS with M."""
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    text = capsys.readouterr().out
+    options = help_options(text)
+    usage = text.split("\n\n")[0]
+    flags = {word for invocation in options for word in invocation.replace(",", "").split() if word.startswith("-")}
+    listed = set(re.findall(r"\[?(--?[a-z][a-z-]*)", usage))
+    assert exit.value.code == 0 and listed <= flags and flags - listed == {"--help"}  # -h, --help: [-h]
+    assert {flag_of(f.name, [name]) for name in METHODS for f in fields(METHODS[name].config)} <= flags
+    assert all(options.values()), [flag for flag, words in options.items() if not words]
+    helps = " ".join(options.values())
+    assert "(default: None)" not in text and not re.findall(r"(?<!\()default", helps)  # one form: (default: X)
+    assert all(words.count("(default:") <= 1 for words in options.values())
+    metavars = [word for invocation in options for word in invocation.replace(",", "").split()[1:]
+                if not word.startswith("-")]
+    assert all(re.fullmatch(r"\{[a-z0-9,]+\}|[A-Z]+([:-][A-Z]+)*", metavar) for metavar in metavars), metavars
+    assert f"--hybrid-pattern {{{','.join(PATTERNS)}}}" in options
+    assert f"--kv-placement {{{','.join(KV_PLACEMENTS)}}}" in options
+    assert f"--method {{{','.join(['auto', *METHODS])}}}" in options
+
+
 @pytest.mark.parametrize("method", ["auto", "full", "truncate", "streaming", "parallelcomp"])
 def test_question_longer_than_the_window(method, tmp_path, capsys):
     prompt = write(tmp_path / "p.txt", SENTENCE * 100)
@@ -269,6 +330,15 @@ def test_a_cache_beyond_memory_is_refused_before_the_prefill(tmp_path, capsys):
                           r"are free on cpu: shorten the prompt or the answer, or choose a method with a bounded cache$")
 
 
+def test_out_of_memory_names_the_option_given_first(tmp_path, capsys):
+    """A 10^11-token window: the sparse layers' ring buffers (77 TB) fail to allocate. Before, the
+    message named only --max-new-tokens and the prompt."""
+    prompt = write(tmp_path / "p.txt", STORY)
+    assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, "--method", "hybrid", "--window-tokens", 10**11),
+                          r"^error: out of memory: lower --window-tokens, --max-new-tokens, --sink-tokens, "
+                          r"--local-blocks, --block-tokens, or shorten the prompt; or use --dtype bfloat16$")
+
+
 def test_out_of_gpu_memory_message():
     """No GPU here to exhaust: the message torch.OutOfMemoryError gets, checked directly."""
     assert memory_advice(gpu=True, method="parallelcomp") == (
@@ -295,6 +365,22 @@ def test_ctrl_c_keeps_the_text_so_far_and_exits_130(tmp_path):
     assert p.returncode == 130
     n = int(re.fullmatch(r"interrupted after (\d+) tokens\n", err)[1])
     assert 1 <= n < 20000 and text.strip() and text.endswith("\n")
+
+
+@pytest.mark.parametrize("entry", [["engine.py"], ["-c", "import sys; from cli import main; sys.exit(main())"]])
+def test_ctrl_c_while_torch_loads_is_one_line(entry, tmp_path):
+    """SIGINT once torch's libraries are being mapped, seconds before its import ends, through
+    `python engine.py` and through what the console script runs. Before, a KeyboardInterrupt
+    traceback from the import (engine.main's handler was not yet there) and death by the signal."""
+    prompt = write(tmp_path / "p.txt", STORY)
+    p = subprocess.Popen([sys.executable, *entry, "--prompt", prompt, *MODEL], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=ENV, preexec_fn=ctrl_c_enabled)
+    maps, deadline = Path(f"/proc/{p.pid}/maps"), time.monotonic() + 60
+    while "libtorch" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, out, err.decode()) == (130, b"", "interrupted\n")
 
 
 def test_ctrl_c_with_json_prints_the_partial_answer(tmp_path, capsys):
