@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import Engine  # noqa: E402
-from methods import METHODS, add_options, parse_specs  # noqa: E402
+from methods import METHODS, HelpFormatter, add_options, parse_specs  # noqa: E402
 from weights import DEFAULT, MODELS  # noqa: E402
 
 
@@ -24,7 +24,7 @@ def parser(doc, out, methods):
     """An argument parser with --model, --device, --out (the prefix of every file written), --methods
     (default `methods`) and every method's options."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", help=f"checkpoint directory, or an embedded model: {', '.join(MODELS)} "
                                    f"(default: {DEFAULT})")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoint import load_model
+from locret import random_heads, save_heads
 from reference import load_float64, ref_head_dim
 from tokenizer import Tokenizer
 from weights import embedded_model, resolve
@@ -108,6 +109,12 @@ def write_checkpoint(path, cfg, tensors):
     save_file({k: v.contiguous() for k, v in tensors.items()}, path / "model.safetensors")
     (path / "config.json").write_text(json.dumps(cfg))
     return path
+
+
+def stories_heads(tmp_path):
+    """Random Locret retaining heads for stories260K, for which none are shipped, in a file."""
+    save_heads(random_heads(load_model(STORIES, "cpu", torch.float32).config, 16), tmp_path / "heads.safetensors")
+    return tmp_path / "heads.safetensors"
 
 
 # ---------------------------------------------------------------------------- the real models

@@ -22,13 +22,10 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, STORIES, shared
+from conftest import REPO, STORIES, shared, stories_heads
 from engine import ProgressBar, main, memory_advice
-from checkpoint import load_model
-from locret import random_heads, save_heads
 from hybrid import PATTERNS
 from methods import METHODS, flag_of
 from parallelcomp import KV_PLACEMENTS, chunk_spans
@@ -506,12 +503,6 @@ def test_an_option_of_a_method_auto_does_not_run_here(tmp_path, capsys):
     assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, "--window-tokens", 20),
                           r"^error: --window-tokens is an option of method hybrid, not auto \(full or parallelcomp "
                           r"here\)$")
-
-
-def stories_heads(tmp_path):
-    """Random retaining heads for stories260K, for which none are shipped, in a file."""
-    save_heads(random_heads(load_model(STORIES, "cpu", torch.float32).config, 16), tmp_path / "heads.safetensors")
-    return tmp_path / "heads.safetensors"
 
 
 def no_bos(tmp_path):

@@ -10,6 +10,7 @@ command line runs under torchrun in subprocesses.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import distributed
-from conftest import BOOKS, STORIES
+from conftest import BOOKS, STORIES, stories_heads
 from decoding import SamplingParams, decode
 from distributed import attention_lse
 from parallelcomp import Calibration, ChunkEncoder, ParallelCompConfig, chunk_spans
@@ -380,3 +381,45 @@ def test_torchrun_mismatched_launch_is_one_line(tmp_path, args, message):
     result = cli(tmp_path, *args, characters=400)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith(message) and result.stderr.count("error: ") == 1
+
+
+# torchrun reports any process's non-zero exit: a log line ("E1207 05:04:12.528000 23470 torch/...") and
+# its own traceback, ChildFailedError; a status says a request failed, so the report follows a user's mistake
+TORCHRUN_LOG = re.compile(r"[IWE]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ torch/distributed/")
+
+
+def garbage_heads(tmp_path):
+    (tmp_path / "heads.bin").write_bytes(b"eeeeeeee")
+    return str(tmp_path / "heads.bin")
+
+
+USER_ERRORS = {  # before, the heads file gave 131 lines of tracebacks from both ranks
+    "heads file": (lambda tmp: ("--method", "locret", "--retaining-heads", garbage_heads(tmp)),
+                   r"^error: \S+heads.bin: not a readable heads file \(", 1),
+    "option value": (lambda tmp: ("--top-p", "5"), r"^error: --top-p must be in \(0, 1\]$", 1),
+    "unknown option": (lambda tmp: ("--top-q", "5"), r"^error: unrecognized arguments: --top-q 5 \(see --help\)$", 2),
+    "missing prompt": (lambda tmp: ("--prompt", str(tmp / "nowhere.txt")),
+                       r"^error: the prompt file \S+nowhere.txt does not exist$", 1),
+}
+
+
+@pytest.mark.parametrize("case", USER_ERRORS)
+def test_torchrun_user_error_is_one_line_from_rank_0(tmp_path, case):
+    """A mistake of the user under torchrun: rank 0's line, then only torchrun's report of the
+    exit, every rank with the same status and no traceback from any rank."""
+    args, message, status = USER_ERRORS[case]
+    result = cli(tmp_path, *args(tmp_path), characters=400)
+    first, *report = result.stderr.splitlines()
+    assert result.returncode == 1 and result.stdout == "" and re.search(message, first), result.stderr
+    assert not report or TORCHRUN_LOG.match(report[0]), result.stderr
+    assert result.stderr.count("error: ") == 1 and f'File "{ROOT}' not in result.stderr
+    assert set(re.findall(r"exitcode +: (-?\d+)", result.stderr)) <= {str(status), "-15"}  # -15: torchrun's SIGTERM
+
+
+def test_torchrun_a_method_that_does_not_divide_its_work_says_so_once(tmp_path):
+    """Locret runs whole in each process: one note, from rank 0, before the summary."""
+    result = cli(tmp_path, "--method", "locret", "--retaining-heads", str(stories_heads(tmp_path)), characters=400)
+    assert result.returncode == 0, result.stderr
+    note, summary = result.stderr.splitlines()
+    assert note == "note: locret runs whole in each of the 2 processes (only parallelcomp divides its work among them)"
+    assert summary.startswith("[locret] prompt ")

@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from budget import StepBudget  # noqa: E402  (tools/, the script's own folder)
 from checkpoint import checkpoint_tensors, load_model, read_hf_config  # noqa: E402
 from hybrid import CONFIG_KEY, SparseSlots  # noqa: E402
-from methods import add_options, config_from, given_options  # noqa: E402
+from methods import HelpFormatter, add_options, config_from, given_options  # noqa: E402
 from attention import attention  # noqa: E402
 from rope import rope_frequencies  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -177,7 +177,7 @@ def save_checkpoint(model, source, out, config, seq):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     p.add_argument("--model", type=Path, help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")

@@ -59,6 +59,7 @@ from checkpoint import load_model  # noqa: E402
 from decoding import SamplingParams, decode  # noqa: E402
 from locret import (LOCAL_TOKENS, LocretConfig, prefill, random_heads, retain, retention_loss,  # noqa: E402
                     save_heads, scores_and_labels, tail_length, with_heads)
+from methods import HelpFormatter  # noqa: E402
 from prefill import Prompt  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from weights import resolve  # noqa: E402
@@ -261,7 +262,7 @@ def train(model, heads, sample, args, log):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="heads file to write (bf16 safetensors, Locret's names)")
     p.add_argument("--model", help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
