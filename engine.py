@@ -418,9 +418,9 @@ def cli_flag(param):
 
 
 def memory_advice(gpu, method, given=()):
-    """What to lower: the options that bound the method's memory (once it is known: `method` may
-    be auto) that were `given` (field names), the likeliest cause, then the answer budget and the
-    method's other such options, the prompt."""
+    """What to lower: first the options bounding the method's memory (once it is known: `method`
+    may be auto) that were `given` ({field: value}), the likeliest cause; then the answer budget,
+    the method's other such options and the prompt."""
     sizes = METHODS[method].memory_options if method in METHODS else ()
     order = [f for f in sizes if f in given] + ["max_new_tokens"] + [f for f in sizes if f not in given]
     lower = ", ".join(map(cli_flag, order))
@@ -493,7 +493,8 @@ def main(argv=None):
         report(answer(engine, plan, sampling, args, bar), args)
         return 0
     except Interrupted as e:
-        report(e.generation, args)
+        if leader:
+            report(e.generation, args)
         return 130
     except KeyboardInterrupt:
         if leader:
