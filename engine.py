@@ -6,6 +6,8 @@
     engine = Engine()                       # the embedded SmolLM2-135M-Instruct
     engine = Engine("qwen2.5-1.5b")         # the embedded Qwen2.5-Coder-1.5B-Instruct, or a checkpoint directory
     print(engine.generate(document, question="...").text)
+    session = engine.open(document)         # the document encoded once, then many questions
+    print(session.ask("...").text)
 
 Prefill is plain causal attention when the prompt fits the model's trained window and
 ParallelComp (parallelcomp.py) when it does not, or any method of methods.py by name; decoding
@@ -72,6 +74,7 @@ class Plan:
     config: object
     prompt: Prompt
     max_new_tokens: int
+    prefill: object = None  # (prompt, answer_budget, on_progress) -> Prefilled in place of the method's: a Session's
 
 
 def resolve_device(name):
@@ -109,6 +112,11 @@ def layout(tok, document, question=None, instruction=None, chat=False):
         return Prompt(tok.encode(before), tok.encode(document), tok.encode(after), **special)
     head = tok.bos_prefix + (tok.encode(instruction) if instruction else [])
     return Prompt(head, tok.encode(document), tok.bos_prefix + tok.encode(question) if question else [], **special)
+
+
+def check_method(method):
+    if method != AUTO and method not in METHODS:
+        raise OptionError("method", f"unknown {{}} {method!r} (choose from auto, {', '.join(METHODS)})")
 
 
 def peak_memory(device):
@@ -210,14 +218,21 @@ class Engine:
         given is checked, used or not. The prompt: layout's; a method that scores by the question
         and was given none asks the document's last paragraph (split_question).
         """
-        if method != AUTO and method not in METHODS:
-            raise OptionError("method", f"unknown {{}} {method!r} (choose from auto, {', '.join(METHODS)})")
+        check_method(method)
         if not document.strip() and not (question or "").strip():
             raise EngineError("the prompt is empty")
         given = self.given_configs(method, config, options or {})
         prompt = self.layout(document, question, instruction, chat)
         asked = (lambda: prompt) if question else \
             (lambda: self.layout(*self.split_question(document), instruction, chat))
+        method, prompt = self.choose(method, prompt, asked, max_new_tokens)
+        config = given[method] if method in given else self.method_config(method)
+        self.check_prompt(prompt, bool(question))
+        return Plan(method, config, prompt, max_new_tokens)
+
+    def choose(self, method, prompt, asked, max_new_tokens):
+        """(method, prompt) by plan's rule: `method` resolved when it is auto, and the prompt
+        asked() lays out with a question where the chosen method scores by one."""
         if method == AUTO and len(self.auto_methods) == 1:
             method = self.auto_methods[0]
         if method == AUTO and self.fits(prompt, max_new_tokens):
@@ -228,9 +243,7 @@ class Engine:
             method, prompt = (AUTO_FITS, prompt) if no_room else (AUTO_LONG, ranked)
         elif METHODS[method].needs_question:
             prompt = asked()
-        config = given[method] if method in given else self.method_config(method)
-        self.check_prompt(prompt, bool(question))
-        return Plan(method, config, prompt, max_new_tokens)
+        return method, prompt
 
     # ------------------------------------------------------------------ generate
 
@@ -261,7 +274,8 @@ class Engine:
         progress = on_progress and (lambda done, total: on_progress(
             done, total, len(prompt.context) * done // total, time.perf_counter() - start))
         with torch.inference_mode():
-            prefilled = METHODS[plan.method].prefill(self.model, prompt, plan.config, budget, progress)
+            prefilled = METHODS[plan.method].prefill(self.model, prompt, plan.config, budget, progress) \
+                if plan.prefill is None else plan.prefill(prompt, budget, progress)
             generation = ranks.decoded(prefilled, lambda: self.decode(prefilled, prompt, sampling, budget,
                                                                       cuda_graph, on_text, start))
         generation.stats.update(method=plan.method, prompt_tokens=len(prompt.ids()),
@@ -291,6 +305,109 @@ class Engine:
                      decode_tokens_per_second=(len(tokens) - 1) / (end - first) if len(tokens) > 1 else 0.0,
                      interrupted=interrupted)
         return Generation(self.tokenizer.decode(tokens), tokens, stats)
+
+    # ------------------------------------------------------------------ sessions
+
+    def open(self, document, *, instruction=None, chat=False, method=AUTO, max_new_tokens=256, config=None,
+             options=None, session_cache_gib=None, on_progress=None):
+        """A Session over `document` for many questions: what of it no question changes is encoded
+        once, here, and Session.ask answers each question as generate(document, question, ...)
+        with these arguments would, with the same tokens.
+
+        method, config, options: as for generate; under auto the method is chosen for each
+        question as generate would, a change of method encoding the document anew. max_new_tokens:
+        the answer budget of the questions that give none (some methods size what they keep by
+        it). session_cache_gib: the most memory of the model's device the encoding may take;
+        ParallelComp's chunk K/V beyond it go to pinned CPU memory (on a GPU), other methods' are
+        refused (OptionError). None: half the free memory for ParallelComp, all of it otherwise.
+        on_progress: as for generate, while the document is encoded. One process only (no torchrun).
+        """
+        if ranks.world() > 1:
+            raise EngineError("a session (Engine.open, --questions, --interactive) runs in one process: start it "
+                              "without torchrun")
+        check_method(method)
+        decode_options(max_new_tokens, 0.0, 1.0, 0, None)
+        if session_cache_gib is not None and not session_cache_gib >= 0:
+            raise OptionError("session_cache_gib", "{} must be 0 or more")
+        limit = None if session_cache_gib is None else int(session_cache_gib * 2**30)
+        given = self.given_configs(method, config, options or {})
+        return Session(self, document, instruction, chat, method, given, max_new_tokens, limit, on_progress)
+
+
+class Session:
+    """A document encoded once for many questions (Engine.open). ask() answers each as
+    generate(document, question) would; stats: Engine.open's encoding (method, document_tokens,
+    encode_seconds, session_cache_bytes and session_cache_device, where the encoding lives, and
+    peak_memory_bytes), updated when a question has the document encoded anew."""
+
+    def __init__(self, engine, document, instruction, chat, method, given, max_new_tokens, limit, on_progress):
+        self.engine, self.document, self.instruction, self.chat = engine, document, instruction, chat
+        self.requested, self.given, self.max_new_tokens, self.limit = method, given, max_new_tokens, limit
+        self.configs = {}  # {method: its config, prepared}
+        self.method = self.encoding = None
+        prompt = engine.layout(document, None, instruction, chat)
+        self.context = prompt.context
+        method, prompt = engine.choose(method, prompt, lambda: prompt, max_new_tokens)
+        start = time.perf_counter()
+        progress = on_progress and (lambda done, total: on_progress(
+            done, total, len(prompt.context) * done // total, time.perf_counter() - start))
+        self.encode(method, prompt, max_new_tokens, progress)
+
+    def config(self, method):
+        if method not in self.configs:
+            self.configs[method] = self.given[method] if method in self.given else self.engine.method_config(method)
+        return self.configs[method]
+
+    def encode(self, method, prompt, max_new_tokens, on_progress):
+        """Encode prompt's head and context by `method`: the tokens encoded."""
+        engine, self.encoding = self.engine, None  # the old encoding's memory goes first
+        if engine.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(engine.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            encoding = METHODS[method].open(engine.model, replace(prompt, question=[]), self.config(method),
+                                            max_new_tokens, self.limit, on_progress)
+        self.method, self.encoding, self.head = method, encoding, prompt.head
+        tokens = len(prompt.head) + len(prompt.context)
+        self.stats = dict(method=method, document_tokens=tokens, encode_seconds=time.perf_counter() - start,
+                          session_cache_bytes=encoding.nbytes, session_cache_device=str(encoding.home),
+                          peak_memory_bytes=peak_memory(engine.device))
+        return tokens
+
+    def ask(self, question, *, max_new_tokens=None, temperature=0.0, top_p=1.0, top_k=0, seed=None,
+            cuda_graph=True, on_text=None, on_progress=None):
+        """Answer `question` about the session's document as generate(document, question, ...)
+        would with the session's instruction, chat, method and config: the same tokens, streamed
+        to on_text. max_new_tokens: the session's when None. Raises Interrupted on Ctrl-C while
+        decoding, after which the session answers on. stats: generate's, with encoded_tokens
+        (the tokens this question ran through the model before decoding, the document's included
+        where it was encoded anew) and session_cache_bytes."""
+        engine = self.engine
+        budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        sampling = decode_options(budget, temperature, top_p, top_k, seed)
+        if not (question or "").strip():
+            raise OptionError("question", "{} is empty")
+        asked = engine.layout("", question, self.instruction, self.chat)
+        if asked.head == self.head:  # the document's tokens, laid out once
+            prompt = replace(asked, context=self.context)
+        else:
+            prompt = engine.layout(self.document, question, self.instruction, self.chat)
+        method, prompt = engine.choose(self.requested, prompt, lambda: prompt, budget)
+        engine.check_prompt(prompt, True)
+        plan = Plan(method, self.config(method), prompt, budget,
+                    lambda p, answer_budget, progress: self.prefill(method, p, answer_budget, progress))
+        return engine.run(plan, sampling, cuda_graph, on_text, on_progress)
+
+    def prefill(self, method, prompt, answer_budget, on_progress):
+        """The encoding's answer to prompt, the document encoded anew first where the method or
+        the head changed."""
+        encoded = 0
+        if method != self.method or prompt.head != self.head:
+            encoded = self.encode(method, prompt, answer_budget, on_progress)
+        prefilled = self.encoding.ask(prompt, answer_budget, on_progress)
+        prefilled.stats.update(encoded_tokens=prefilled.stats["encoded_tokens"] + encoded,
+                               session_cache_bytes=self.encoding.nbytes)
+        return prefilled
 
 
 # ---------------------------------------------------------------------------- command line

@@ -13,7 +13,9 @@ to ring slot n % R (R = window, or local_blocks * b), and a copy in the ring of 
 masked out. What each slot holds is a function of the tokens seen so far (`lens`), so the masks
 and write slots are computed on the device and one captured decode graph serves every length.
 Stats: kv_bytes, the K/V bytes the cache holds after the prompt; full_kv_bytes, what full
-attention would hold for it.
+attention would hold for it. In a session (prefill.py) the cache after the head and the context
+is kept: a question's prefill and its decoding change, of what is live there, only what
+decode_state() names (the lengths, the rings), which is saved and put back before each question.
 
 Deviations and choices where the paper is silent (it published no code):
 - full layers default to [L//3, 2L//3) (one contiguous band); sink 64 + window 1984 (the ~2K
@@ -30,8 +32,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from attention import attention, decode_attention
-from model import KVCache
-from prefill import OptionError, Prefilled, extend, option
+from model import CACHE_ALIGN, KVCache
+from prefill import QUESTION_ROOM, OptionError, Prefilled, encoding_home, extend, option
 
 PATTERNS = ("window", "block")
 QUERY_BLOCK = 1024  # sparse layers' prefill: queries per attention call
@@ -274,3 +276,49 @@ def prefill(model, prompt, config, answer_budget, on_progress=None):
     # forwards as for full attention: the sparse layers' fewer keys are not counted
     stats = dict(cache.stats(len(ids)), forwards=[[len(ids), len(ids)]], scored_tokens=0)
     return Prefilled(cache, logits, len(ids), stats)
+
+
+class HybridEncoding:
+    """The hybrid pattern in a session (prefill.py: open and ask): the HybridCache after the head
+    and the context, its decode_state() saved. A question that with its answer needs more room
+    than the cache has prefills the context anew into a larger one."""
+
+    def __init__(self, model, prompt, config, answer_budget, limit, on_progress=None):
+        self.model, self.config, self.limit, self.context = model, config, limit, prompt.ids()
+        self.cache = None
+        self.encode(len(self.context) + answer_budget + QUESTION_ROOM)
+
+    @property
+    def nbytes(self):
+        tensors = (self.cache.full.k, self.cache.full.v, self.cache.k_sparse, self.cache.v_sparse, *self.saved)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def home(self):
+        return self.cache.full.k.device
+
+    def encode(self, capacity):
+        """Prefill the context into a cache of `capacity` tokens: the tokens encoded."""
+        model, c = self.model, self.model.config
+        self.cache = None
+        slots = SparseSlots(self.config, -(-capacity // CACHE_ALIGN) * CACHE_ALIGN).size
+        full = len(self.config.full_range(c.n_layers))
+        entries = full * capacity + (c.n_layers - full) * 2 * slots  # the rings' saved copy too
+        encoding_home(model, entries * 2 * c.n_kv_heads * c.head_dim * model.dtype.itemsize, self.limit)
+        cache = HybridCache(c, self.config, 1, capacity, model.device, model.dtype)
+        if self.context:
+            extend(model, cache, self.context, 0)
+        self.saved = [t.clone() for t in cache.decode_state()]
+        self.cache = cache
+        return len(self.context)
+
+    def ask(self, prompt, answer_budget, on_progress=None):
+        ids, question = prompt.ids(), prompt.question
+        grow = self.cache is None or len(ids) + answer_budget > self.cache.full.capacity
+        encoded = self.encode(len(ids) + answer_budget + QUESTION_ROOM) if grow else 0
+        for live, saved in zip(self.cache.decode_state(), self.saved):
+            live.copy_(saved)
+        logits = extend(self.model, self.cache, question, len(self.context))
+        stats = dict(self.cache.stats(len(ids)), forwards=[[len(question), len(ids)]], scored_tokens=0,
+                     encoded_tokens=encoded + len(question))
+        return Prefilled(self.cache, logits, len(ids), stats)

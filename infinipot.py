@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from compaction import RawKeyCache
 from attention import scores_f32
-from prefill import OptionError, Prefilled, option
+from prefill import OptionError, Prefilled, cache_bytes, carry_over, encoding_home, kv_bytes_per_token, option
 
 GENERIC_CATALYST = "\n\nSummarize the critical points of the text above."
 DEFAULT_POT = 4096  # the paper's headline budget (L3-InfiniPot-4K)
@@ -207,34 +207,117 @@ def prefill(model, prompt, config, answer_budget, on_progress=None):
     stats: distillations (count), pot_tokens M and pot_keep C (tokens per KV head),
     catalyst_tokens, evicted_tokens (context tokens dropped, per KV head), forwards, scored_tokens.
     """
-    c, device = model.config, model.device
+    c = model.config
     config.validate(c)
     catalyst = catalyst_ids(config, prompt)
     M, C, T, room = pot_sizes(config, c.max_position_embeddings, len(catalyst), len(prompt.question), answer_budget)
-    cache = RawKeyCache(c, 1, M + room, device, model.dtype)
-    nll = torch.empty(c.n_layers, c.n_kv_heads, M, device=device)  # NuC of the pot's entries
-    stream = torch.tensor(prompt.head + prompt.context, device=device, dtype=torch.long)  # long even when empty
-    catalyst = torch.tensor(catalyst, device=device)
-    sizes = fill_sizes(len(stream), M, C)
-    n = done = 0
-    last_logits, forwards = None, []
-    for i, take in enumerate(sizes):
-        nll[:, :, n:n + take], last_logits = fill(model, cache, stream[done:done + take], n, last_logits)
-        forwards.append([take, n + take])
-        n, done = n + take, done + take
-        if i + 1 < len(sizes):
-            distil(model, cache, nll[..., :n], catalyst, C, T)
-            forwards.append([len(catalyst), n + len(catalyst)])
-            n = C
-        if on_progress:
-            on_progress(i + 1, len(sizes))
-    q = prompt.question
-    if q:
-        positions = torch.arange(n, n + len(q), device=device)[None]
-        hidden = model(torch.tensor([q], device=device), positions, cache.prefill_attend(n))
-        last_logits = model.logits(hidden[0, -1])
-        forwards.append([len(q), n + len(q)])
-    cache.k_raw = None  # no distillation after the prompt: decoding needs only k and v
-    stats = dict(distillations=len(sizes[1:]), pot_tokens=M, pot_keep=C, catalyst_tokens=len(catalyst),
-                 evicted_tokens=len(stream) - n, forwards=forwards, scored_tokens=len(stream) + bool(q))
-    return Prefilled(cache, last_logits, n + len(q), stats)
+    pot = Pot(model, stream_of(model, prompt), M, M + room)
+    sizes = fill_sizes(len(pot.stream), M, C)
+    pot.run(sizes, torch.tensor(catalyst, device=model.device), C, T, len(sizes), on_progress)
+    return pot.prefilled(prompt.question, sizes, len(catalyst), M, C)
+
+
+def stream_of(model, prompt):
+    """The stream the pot reads: head + context, (T,) long on the model's device (long even when empty)."""
+    return torch.tensor(prompt.head + prompt.context, device=model.device, dtype=torch.long)
+
+
+class Pot:
+    """The pot as the stream fills it: its cache, its entries' NuC, and how much of the stream
+    went in (`fills` fills, `done` tokens)."""
+
+    def __init__(self, model, stream, M, capacity):
+        c, device = model.config, model.device
+        self.model, self.stream = model, stream
+        self.cache = RawKeyCache(c, 1, capacity, device, model.dtype)
+        self.nll = torch.empty(c.n_layers, c.n_kv_heads, M, device=device)  # NuC of the pot's entries
+        self.n = self.done = self.fills = 0
+        self.last_logits, self.forwards = None, []
+
+    def run(self, sizes, catalyst, C, T, until, on_progress=None):
+        """Fill the pot with the stream's fills `sizes` from self.fills to `until`, distilling it
+        (by the catalyst (P,) ids) before each fill but the first. on_progress(fills, total)."""
+        model = self.model
+        while self.fills < until:
+            if self.fills:
+                distil(model, self.cache, self.nll[..., :self.n], catalyst, C, T)
+                self.forwards.append([len(catalyst), self.n + len(catalyst)])
+                self.n = C
+            n, take = self.n, sizes[self.fills]
+            self.nll[:, :, n:n + take], self.last_logits = fill(model, self.cache, self.stream[self.done:self.done + take],
+                                                                n, self.last_logits)
+            self.forwards.append([take, n + take])
+            self.n, self.done, self.fills = n + take, self.done + take, self.fills + 1
+            if on_progress:
+                on_progress(self.fills, len(sizes))
+
+    def copy(self, capacity):
+        """This pot in a cache of `capacity` slots (a session's, which one question goes on from)."""
+        pot = Pot(self.model, self.stream, self.nll.shape[-1], capacity)
+        pot.nll.copy_(self.nll)
+        carry_over(self.cache, pot.cache, self.n)
+        pot.n, pot.done, pot.fills, pot.last_logits, pot.forwards = self.n, self.done, self.fills, self.last_logits, []
+        return pot
+
+    def prefilled(self, question, sizes, catalyst_tokens, M, C):
+        """The question (ids) prefilled after the pot, without eviction: the Prefilled."""
+        model, n, logits = self.model, self.n, self.last_logits
+        if question:
+            positions = torch.arange(n, n + len(question), device=model.device)[None]
+            hidden = model(torch.tensor([question], device=model.device), positions, self.cache.prefill_attend(n))
+            logits = model.logits(hidden[0, -1])
+            self.forwards.append([len(question), n + len(question)])
+        self.cache.k_raw = None  # no distillation after the prompt: decoding needs only k and v
+        stats = dict(distillations=len(sizes[1:]), pot_tokens=M, pot_keep=C, catalyst_tokens=catalyst_tokens,
+                     evicted_tokens=len(self.stream) - n, forwards=self.forwards,
+                     scored_tokens=len(self.stream) + bool(question))
+        return Prefilled(self.cache, logits, n + len(question), stats)
+
+
+class PotEncoding:
+    """InfiniPot in a session (prefill.py: open and ask). With a generic or literal catalyst
+    nothing before the question depends on it: the final pot is kept, and each question is
+    prefilled after a copy of it. With the question as catalyst (CaP-Q) every distillation
+    depends on the question: only the first fill, before any, is kept, and each question streams
+    the rest of the context again. The pot's sizes depend on the question's length where the
+    window leaves less than DEFAULT_POT (pot_sizes): a question whose sizes differ fills it anew."""
+
+    def __init__(self, model, prompt, config, answer_budget, limit, on_progress=None):
+        self.model, self.stream, self.config, self.limit = model, stream_of(model, prompt), config, limit
+        self.by_question = config.catalyst == "question"
+        catalyst = 0 if self.by_question else len(config.catalyst)
+        self.pot = None
+        self.fill(pot_sizes(config, model.config.max_position_embeddings, catalyst, 0, answer_budget), on_progress)
+
+    @property
+    def nbytes(self):
+        return cache_bytes(self.pot.cache) + self.pot.nll.numel() * self.pot.nll.element_size()
+
+    @property
+    def home(self):
+        return self.pot.cache.k.device
+
+    def fill(self, sizes, on_progress=None):
+        """Fill the pot of sizes (M, C, T, room) as far as no question changes it: the tokens encoded."""
+        M, C, T, room = sizes
+        self.pot = None
+        encoding_home(self.model, 3 * kv_bytes_per_token(self.model) // 2 * (M + room), self.limit)  # with raw keys
+        pot = Pot(self.model, self.stream, M, M + room)
+        fills = fill_sizes(len(self.stream), M, C)
+        catalyst = None if self.by_question else torch.tensor(self.config.catalyst, device=self.model.device)
+        pot.run(fills, catalyst, C, T, min(1, len(fills)) if self.by_question else len(fills), on_progress)
+        self.pot, self.sizes = pot, (M, C, T)
+        return pot.done
+
+    def ask(self, prompt, answer_budget, on_progress=None):
+        window = self.model.config.max_position_embeddings
+        catalyst = catalyst_ids(self.config, prompt)
+        sizes = pot_sizes(self.config, window, len(catalyst), len(prompt.question), answer_budget)
+        M, C, T, room = sizes
+        encoded = self.fill(sizes, on_progress) if self.pot is None or (M, C, T) != self.sizes else 0
+        pot = self.pot.copy(M + room)
+        fills = fill_sizes(len(self.stream), M, C)
+        pot.run(fills, torch.tensor(catalyst, device=self.model.device), C, T, len(fills), on_progress)
+        prefilled = pot.prefilled(prompt.question, fills, len(catalyst), M, C)
+        prefilled.stats.update(encoded_tokens=encoded + sum(tokens for tokens, _ in pot.forwards))
+        return prefilled

@@ -46,7 +46,8 @@ from safetensors.torch import load_file, save_file
 from checkpoint import CheckpointError
 from compaction import RawKeyCache
 from attention import attention, scores_f32
-from prefill import OptionError, Prefilled, extend, option
+from prefill import (OptionError, Prefilled, cache_bytes, carry_over, encoding_home, extend, kv_bytes_per_token,
+                     option)
 
 LOCAL_TOKENS = 100  # the uncompressed tail at least (Locret's local_len)
 SMOOTHNESS = 0.0025  # weight of the smoothness term in the training loss
@@ -249,6 +250,15 @@ class RetainedCache:
         self.origin[:, :, n:n + T] = torch.arange(self.seen, self.seen + T, device=device)
         self.n, self.seen = n + T, self.seen + T
 
+    def resumed(self, capacity, room):
+        """A RetainedCache of `capacity` + `room` slots with this one's entries (a session's, which
+        one question goes on from)."""
+        cache = RetainedCache(self.model, self.heads, capacity, room)
+        carry_over(self.kv, cache.kv, self.n)
+        cache.score[..., :self.n], cache.origin[..., :self.n] = self.score[..., :self.n], self.origin[..., :self.n]
+        cache.n, cache.seen = self.n, self.seen
+        return cache
+
     def evict(self, budget, stabilizers):
         """Keep, in each layer and KV head, the `budget` best-scored entries, the last `stabilizers`
         always among them, the later entry on a tie. Returns whether anything was evicted."""
@@ -285,21 +295,29 @@ def tail_length(prompt):
     return min(max(len(prompt.question), LOCAL_TOKENS), len(prompt.ids()))
 
 
-def retain(model, heads, stream, config, room, on_progress=None):
+def retain(model, heads, stream, config, room, on_progress=None, resume=None, until=None):
     """The stream prefilled in chunks with eviction: (RetainedCache with `room` slots to spare,
-    forwards, compressions)."""
+    forwards, compressions). resume: a RetainedCache of the stream's first chunks to go on from
+    (a session's); until: the chunks to prefill, each one followed by more (default: all)."""
     budget, chunk, stabilizers = config.settings(model.config, room)
-    cache = RetainedCache(model, heads, min(len(stream), budget + chunk), room)
+    capacity = min(len(stream), budget + chunk)
+    cache = resume.resumed(capacity, room) if resume else RetainedCache(model, heads, capacity, room)
     starts = range(0, len(stream), chunk)
     forwards, compressions = [], 0
-    for i, start in enumerate(starts):
-        piece = stream[start:start + chunk]
+    for i in range(cache.seen // chunk, len(starts) if until is None else until):
+        piece = stream[starts[i]:starts[i] + chunk]
         cache.append(piece)
         forwards.append([len(piece), cache.n])
         compressions += cache.evict(budget, stabilizers if i + 1 < len(starts) else 0)
         if on_progress:
             on_progress(i + 1, len(starts))
     return cache, forwards, compressions
+
+
+def split_tail(prompt):
+    """(stream, tail): the prompt's ids prefilled with eviction, and its tail (tail_length), without."""
+    ids, n_tail = prompt.ids(), tail_length(prompt)
+    return ids[:len(ids) - n_tail], ids[len(ids) - n_tail:]
 
 
 def prefill(model, prompt, config, answer_budget, on_progress=None):
@@ -309,20 +327,77 @@ def prefill(model, prompt, config, answer_budget, on_progress=None):
     scored_tokens: compressions (evictions that removed entries), evicted_tokens and kept_tokens
     (per layer and KV head), head_flops (the retaining heads' multiply-adds x 2).
     """
-    ids, n_tail = prompt.ids(), tail_length(prompt)
-    stream, tail = ids[:len(ids) - n_tail], ids[len(ids) - n_tail:]
-    check_room(config, model.config, len(stream), n_tail, answer_budget)
+    stream, tail = split_tail(prompt)
+    check_room(config, model.config, len(stream), len(tail), answer_budget)
     heads = with_heads(config, model).retaining_heads
-    cache, forwards, compressions = retain(model, heads, stream, config, n_tail + answer_budget, on_progress)
+    cache, forwards, compressions = retain(model, heads, stream, config, len(tail) + answer_budget, on_progress)
+    return with_tail(model, heads, cache, len(stream), tail, forwards, compressions, len(stream))
+
+
+def with_tail(model, heads, cache, stream, tail, forwards, compressions, scored):
+    """The tail prefilled after the retained cache of `stream` tokens: the Prefilled. forwards:
+    those of the stream; scored: the stream tokens the heads scored."""
     n = cache.n
     logits = extend(model, cache.kv, tail, n)
-    forwards.append([n_tail, n + n_tail])
+    forwards.append([len(tail), n + len(tail)])
     cache.kv.k_raw = None  # decoding never evicts
     fc1, fc2 = heads[0].fc1.weight, heads[0].fc2.weight
     stats = dict(forwards=forwards, scored_tokens=1, compressions=compressions,
-                 evicted_tokens=len(stream) - n, kept_tokens=n + n_tail,
-                 head_flops=2 * len(stream) * len(heads) * (fc1.numel() + fc2.numel()))
-    return Prefilled(cache.kv, logits, n + n_tail, stats)
+                 evicted_tokens=stream - n, kept_tokens=n + len(tail),
+                 head_flops=2 * scored * len(heads) * (fc1.numel() + fc2.numel()))
+    return Prefilled(cache.kv, logits, n + len(tail), stats)
+
+
+class RetainedEncoding:
+    """Locret in a session (prefill.py: open and ask): the retained cache after the chunks of the
+    context that end before its last LOCAL_TOKENS tokens. Every question's stream (the prompt less
+    its tail, tail_length) starts with them and goes on past them, so they are prefilled and
+    evicted as its own prefill would; each question goes on from a copy. B, S and n_s may depend
+    on the question's length (LocretConfig.settings): a question whose settings differ prefills
+    them anew."""
+
+    def __init__(self, model, prompt, config, answer_budget, limit, on_progress=None):
+        self.model, self.config, self.limit, self.context = model, config, limit, prompt.ids()
+        self.heads = with_heads(config, model).retaining_heads
+        self.cache = None
+        stream, tail = split_tail(prompt)
+        check_room(config, model.config, len(stream), len(tail), answer_budget)
+        self.retain(len(tail) + answer_budget, on_progress)
+
+    @property
+    def nbytes(self):
+        return cache_bytes(self.cache.kv) + 2 * self.cache.score.numel() * self.cache.score.element_size()
+
+    @property
+    def home(self):
+        return self.cache.kv.k.device
+
+    def retain(self, room, on_progress=None):
+        """Prefill the context's shared chunks for the settings `room` gives: the tokens encoded."""
+        model = self.model
+        settings = self.config.settings(model.config, room)
+        budget, chunk, _ = settings
+        self.cache = None
+        encoding_home(model, 3 * kv_bytes_per_token(model) // 2 * (budget + chunk + room), self.limit)  # raw keys too
+        shared = len(self.context) - min(LOCAL_TOKENS, len(self.context))  # the stream of an empty question
+        self.cache, _, self.compressions = retain(model, self.heads, self.context, self.config, room, on_progress,
+                                                  until=shared // chunk)
+        self.settings = settings
+        return self.cache.seen
+
+    def ask(self, prompt, answer_budget, on_progress=None):
+        model = self.model
+        stream, tail = split_tail(prompt)
+        check_room(self.config, model.config, len(stream), len(tail), answer_budget)
+        room = len(tail) + answer_budget
+        stale = self.cache is None or self.config.settings(model.config, room) != self.settings
+        encoded = self.retain(room, on_progress) if stale else 0
+        cache, forwards, compressions = retain(model, self.heads, stream, self.config, room, on_progress,
+                                               resume=self.cache)
+        prefilled = with_tail(model, self.heads, cache, len(stream), tail, forwards, self.compressions + compressions,
+                              len(stream) - self.cache.seen)
+        prefilled.stats.update(encoded_tokens=encoded + sum(tokens for tokens, _ in forwards))
+        return prefilled
 
 
 # ---------------------------------------------------------------------------- training targets

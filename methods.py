@@ -1,8 +1,8 @@
 """The table of prefill methods, and the command-line options made from their configs.
 
 engine.py, eval/ and bench.py reach a method only through METHODS: its entry carries all they need
-of it. Adding a method is one module with a config dataclass and a prefill function (prefill.py
-says what they look like), and one entry here.
+of it. Adding a method is one module with a config dataclass, a prefill function and an open
+function for sessions (prefill.py says what they look like), and one entry here.
 """
 
 import argparse
@@ -15,6 +15,7 @@ import hybrid
 import infinipot
 import locret
 import parallelcomp
+import parallelcomp_session
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,10 @@ class Method:
     config: type  # its frozen config dataclass, fields declared with prefill.option; validate(model_config)
     needs_question: bool  # scores the context by the question: a missing one is the document's last paragraph
     summary: str
+    # (model, prompt, config, answer_budget, limit, on_progress) -> the encoding of a session
+    # (Engine.open): prompt's head and context encoded once, ask(prompt, answer_budget, on_progress)
+    # -> the Prefilled of prefill for each question (prefill.py)
+    open: Callable
     # (config, model, encode) -> the config with the options that need the model or the tokenizer
     # resolved (InfiniPot's catalyst text, Locret's head file); encode: str -> ids without BOS
     prepare: Callable | None = None
@@ -41,23 +46,27 @@ class Method:
 METHODS = {
     "parallelcomp": Method(distributed.prefill, parallelcomp.ParallelCompConfig, True,  # over torchrun's processes
                            "chunks encoded in parallel, the least relevant to the question evicted",
+                           open=parallelcomp_session.ParallelCompEncoding,  # one process
                            memory_options=("chunk_tokens", "top_k_chunks", "kv_budget"), spans_processes=True),
     "full": Method(baselines.prefill_full, baselines.BaselineConfig, False,
-                   "plain causal attention over the whole prompt"),
+                   "plain causal attention over the whole prompt", open=baselines.open_full),
     "truncate": Method(baselines.prefill_truncate, baselines.BaselineConfig, False,
-                       "the first and last halves of what the trained window leaves"),
+                       "the first and last halves of what the trained window leaves", open=baselines.open_truncate),
     "streaming": Method(baselines.prefill_streaming, baselines.BaselineConfig, False,
-                        "StreamingLLM: attention sinks and a recent window"),
-    "yarn": Method(baselines.prefill_yarn, baselines.YarnConfig, False, "full attention with YaRN"),
+                        "StreamingLLM: attention sinks and a recent window", open=baselines.StreamingEncoding),
+    "yarn": Method(baselines.prefill_yarn, baselines.YarnConfig, False, "full attention with YaRN",
+                   open=baselines.open_yarn),
     "infinipot": Method(infinipot.prefill, infinipot.InfiniPotConfig, False,
                         "InfiniPot: a fixed-size pot distilled by novelty and a catalyst prompt's attention",
-                        prepare=infinipot.InfiniPotConfig.prepared, memory_options=("pot_tokens",)),
+                        open=infinipot.PotEncoding, prepare=infinipot.InfiniPotConfig.prepared,
+                        memory_options=("pot_tokens",)),
     "locret": Method(locret.prefill, locret.LocretConfig, False,
                      "Locret: trained retaining heads keep the top-B entries per KV head as chunks stream in",
-                     prepare=locret.LocretConfig.prepared, memory_options=("budget", "locret_chunk")),
+                     open=locret.RetainedEncoding, prepare=locret.LocretConfig.prepared,
+                     memory_options=("budget", "locret_chunk")),
     "hybrid": Method(hybrid.prefill, hybrid.HybridConfig, False,
                      "LongGen's pattern: the middle third of the layers full attention, the others sink + window",
-                     from_checkpoint=hybrid.layout_from_config,
+                     open=hybrid.HybridEncoding, from_checkpoint=hybrid.layout_from_config,
                      memory_options=("window_tokens", "sink_tokens", "local_blocks", "block_tokens")),
 }
 # auto (Engine.plan decides): the method a checkpoint was trained for (from_checkpoint), else AUTO_FITS

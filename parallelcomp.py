@@ -160,17 +160,24 @@ class ChunkEncoder:
 
     def __call__(self, layer, q, k, v):
         for b, chunk in enumerate(self.chunks):
-            keys, values = k[b, :, :chunk.context_len], v[b, :, :chunk.context_len]
-            if chunk.k.shape[2] < chunk.context_len:
-                end = self.input_lens[b]
-                keep = kv_eviction(q[b, :, end - OBSERVATION_WINDOW:end], k[b, :, :end],
-                                   range(int(chunk.has_bos), chunk.context_len), self.kv_budget)
-                if chunk.has_bos:
-                    keep = torch.cat([keep.new_zeros(keep.shape[0], 1), keep], dim=1)
-                index = keep[..., None].expand(-1, -1, k.shape[-1])
-                keys, values = keys.gather(1, index), values.gather(1, index)
-            chunk.k[layer], chunk.v[layer] = keys, values
+            end = self.input_lens[b]
+            keep_chunk_kv(chunk, layer, q[b, :, end - OBSERVATION_WINDOW:end], k[b, :, :end], v[b, :, :end],
+                          self.kv_budget)
         return attention(q, k, v)
+
+
+def keep_chunk_kv(chunk, layer, q_obs, k, v, kv_budget):
+    """One layer of a chunk's context K/V into its ChunkCache: k, v (H_kv, L, D) its input's,
+    [head + chunk + question]; q_obs (H, W, D) the queries of its last W tokens. KV eviction
+    thins them to what the cache has room for."""
+    keys, values = k[:, :chunk.context_len], v[:, :chunk.context_len]
+    if chunk.k.shape[2] < chunk.context_len:
+        keep = kv_eviction(q_obs, k, range(int(chunk.has_bos), chunk.context_len), kv_budget)
+        if chunk.has_bos:
+            keep = torch.cat([keep.new_zeros(keep.shape[0], 1), keep], dim=1)
+        index = keep[..., None].expand(-1, -1, k.shape[-1])
+        keys, values = keys.gather(1, index), values.gather(1, index)
+    chunk.k[layer], chunk.v[layer] = keys, values
 
 
 def query_nll(logits, targets, eos_ids=frozenset()):
@@ -197,11 +204,7 @@ def encode_chunks(model, prompt, spans, indices, kv_budget):
     has_bos = has_bos_head(prompt)
     inputs = [head + prompt.context[spans[j].start:spans[j].stop] + question for j in indices]
     lens = [len(x) for x in inputs]
-    tokens = torch.zeros(len(inputs), max(lens), dtype=torch.long)
-    for b, x in enumerate(inputs):  # right padding: causal attention keeps the real tokens exact
-        tokens[b, :len(x)] = torch.tensor(x)
-    tokens = tokens.to(model.device)
-    positions = torch.arange(tokens.shape[1], device=model.device).expand_as(tokens)
+    tokens, positions = padded(inputs, model.device)
     chunks = []
     for j in indices:
         context_len = len(head) + len(spans[j])
@@ -215,6 +218,16 @@ def encode_chunks(model, prompt, spans, indices, kv_budget):
         predicting = hidden[b, max(chunk.context_len - 1, 0):lens[b] - 1]
         chunk.nll = query_nll(model.logits(predicting), targets[len(targets) - len(predicting):], prompt.eos_ids)
     return chunks
+
+
+def padded(inputs, device):
+    """Token lists right-padded into tokens (B, T) at positions 0..T-1: causal attention keeps
+    each one's real tokens exact."""
+    tokens = torch.zeros(len(inputs), max(map(len, inputs)), dtype=torch.long)
+    for b, x in enumerate(inputs):
+        tokens[b, :len(x)] = torch.tensor(x, dtype=torch.long)
+    tokens = tokens.to(device)
+    return tokens, torch.arange(tokens.shape[1], device=device).expand_as(tokens)
 
 
 def has_bos_head(prompt):
@@ -318,6 +331,11 @@ def context_spans(model, prompt, config, answer_budget):
     """The chunks' spans of the context, once the question and the options are checked."""
     if not prompt.question:
         raise OptionError("question", "ParallelComp needs a {} to rank the chunks by")
+    return split_context(model, prompt, config, answer_budget)
+
+
+def split_context(model, prompt, config, answer_budget):
+    """The chunks' spans of the context, sized for prompt's question (default_chunk_tokens)."""
     config.validate(model.config)
     window, question = model.config.max_position_embeddings, prompt.question
     chunk_tokens = config.chunk_tokens or default_chunk_tokens(window, len(prompt.head), len(question), answer_budget)

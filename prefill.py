@@ -7,6 +7,19 @@ A method is a module with a frozen config dataclass, whose fields are declared w
 
 which encodes the prompt into a KV cache with room for `answer_budget` generated tokens. The
 table in methods.py names the methods; the decode loop (decoding.py) continues from any Prefilled.
+
+A document asked many questions (engine.Engine.open) goes through a method's `open`:
+
+    open(model, prompt, config, answer_budget, limit, on_progress=None) -> encoding
+
+encodes prompt's head and context (its question empty) as far as no question changes them, and
+encoding.ask(prompt, answer_budget, on_progress=None) returns, for the same head and context with
+a question, the Prefilled that prefill gives, reusing the encoding; what depends on the question
+(its length, its text) is run again, and where it changes what the encoding holds (a method's
+sizes), the encoding is made anew. Stats: the method's, with `encoded_tokens`, the tokens the
+question ran through the model (an encoding made anew included). encoding.nbytes: the memory it
+holds; encoding.home: its device (the CPU, in pinned memory, where it was offloaded). limit: the
+bytes it may take on the model's device (None: what free_memory allows), see encoding_home.
 """
 
 import os
@@ -14,9 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from compaction import RawKeyCache
 from model import KVCache, Llama
 
 PREFILL_PIECE = {"cuda": 8192, "cpu": 2048}  # tokens per causal-prefill forward
+QUESTION_ROOM = 256  # question tokens a session's cache leaves room for before it must grow
 
 
 class OptionError(ValueError):
@@ -125,15 +140,20 @@ def causal_prefill(model, ids, answer_budget):
     """Plain causal prefill of `ids` at positions 0..T-1 into a new cache with room for the
     answer: (cache, logits (vocab,) at the last token). Raises MemoryShortage at once when the
     cache and one piece's activations would not fit, rather than minutes into the prefill."""
-    tokens, piece = len(ids) + answer_budget, min(len(ids), prefill_piece(model.device))
+    cache = prefill_cache(model, len(ids) + answer_budget, min(len(ids), prefill_piece(model.device)))
+    return cache, extend(model, cache, ids, 0)
+
+
+def prefill_cache(model, tokens, piece):
+    """A KVCache of `tokens` entries, once it and the activations of a `piece`-token forward are
+    known to fit (MemoryShortage otherwise)."""
     need = kv_bytes_per_token(model) * tokens + activation_bytes_per_token(model) * piece
     free = free_memory(model.device)
     if need > free:
         raise MemoryShortage(f"a cache of {tokens:,} tokens and their prefill need {need / 2**30:.1f} GiB, "
                              f"{free / 2**30:.1f} GiB are free on {model.device}: shorten the prompt or the "
                              "answer, or choose a method with a bounded cache")
-    cache = KVCache(model.config, 1, tokens, model.device, model.dtype)
-    return cache, extend(model, cache, ids, 0)
+    return KVCache(model.config, 1, tokens, model.device, model.dtype)
 
 
 def extend(model, cache, ids, position):
@@ -146,3 +166,47 @@ def extend(model, cache, ids, position):
         positions = torch.arange(position + a, position + b, device=model.device)[None]
         hidden = model(tokens[:, a:b], positions, cache.append_attend)
     return model.logits(hidden[0, -1])
+
+
+# ---------------------------------------------------------------------------- sessions (Engine.open)
+
+def encoding_home(model, nbytes, limit, offload=False):
+    """Where a session's encoding of `nbytes` lives: the model's device when it stays within
+    `limit` bytes (None: half the free memory where it may be offloaded, else all of it); else,
+    where it may be `offload`ed and the model is on a GPU, the CPU (pinned memory), when half the
+    available host memory holds it. One that fits nowhere is refused: OptionError naming
+    session_cache_gib when a limit was given, MemoryShortage otherwise."""
+    device, gib = model.device, nbytes / 2**30
+    free = free_memory(device)
+    if nbytes <= (limit if limit is not None else free // 2 if offload else free):
+        return device
+    host = available_memory()
+    offloads = offload and device.type == "cuda"
+    if offloads and nbytes <= host // 2:
+        return torch.device("cpu")
+    host_part = f" and than half the host's {host / 2**30:.1f} GiB available" if offloads else ""
+    if limit is not None:
+        raise OptionError("session_cache_gib", f"the session's cache needs {gib:.2f} GiB, more than {{0}} "
+                                               f"({limit / 2**30:g} GiB) allows on {device}{host_part}: raise {{0}} "
+                                               "or shorten the document")
+    raise MemoryShortage(f"the session's cache needs {gib:.1f} GiB, more than {'half ' if offload else ''}the "
+                         f"{free / 2**30:.1f} GiB free on {device}{host_part}: shorten the document, or choose a "
+                         "method with a bounded cache")
+
+
+def carry_over(source, target, n):
+    """Copy the first n entries of each layer of cache `source` into `target`, a cache of its kind
+    (a RawKeyCache's raw keys too, while it keeps them), whose lens become n: a session's encoding
+    into the cache that one question continues."""
+    pairs = [(source.k, target.k), (source.v, target.v)]
+    if isinstance(source, RawKeyCache) and source.k_raw is not None:
+        pairs.append((source.k_raw, target.k_raw))
+    for a, b in pairs:
+        b[:, :, :, :n] = a[:, :, :, :n]
+    target.lens.fill_(n)
+
+
+def cache_bytes(cache):
+    """Bytes a cache's tensors hold."""
+    raw = cache.k_raw if isinstance(cache, RawKeyCache) else None
+    return sum(t.numel() * t.element_size() for t in (cache.k, cache.v, raw) if t is not None)
