@@ -129,14 +129,20 @@ def prefill_flops(c, stats):
         + 2 * stats["scored_tokens"] * c.vocab_size * c.dim
 
 
-def bench_engine(model, context, label, method, overrides, bandwidth, matmul_rate):
+def ready_config(model, method, overrides):
+    """The method's config with `overrides`, ready for a model without a tokenizer: random Locret
+    heads where none ship, a token a word for text options (speed depends on their length only)."""
     c = model.config
-    prompt = random_prompt(c, context)
     config = METHODS[method].config(**overrides)
     if method == "locret" and config.retaining_heads is None and not ships_heads(c):
         config = replace(config, retaining_heads=random_heads(c, LOCRET_HIDDEN))
-    # a token a word for text options: speed depends on their length only
-    config = METHODS[method].ready(config, model, lambda text: [sum(map(ord, w)) % c.vocab_size for w in text.split()])
+    return METHODS[method].ready(config, model, lambda text: [sum(map(ord, w)) % c.vocab_size for w in text.split()])
+
+
+def bench_engine(model, context, label, method, overrides, bandwidth, matmul_rate):
+    c = model.config
+    prompt = random_prompt(c, context)
+    config = ready_config(model, method, overrides)
     prefill = METHODS[method].prefill
     row = dict(engine="ours", method=label, context=context)
     try:

@@ -455,13 +455,41 @@ def parse_args(argv):
                    help="print one JSON object with the answer and the statistics instead of streaming text")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar, summary or download messages (errors still print)")
+    add_session_options(p)
     add_options(p)
     args = p.parse_args(argv)
     runs = AUTO_CANDIDATES if args.method == AUTO else (args.method,)
     for name, options in given_options(args).items():
         if name not in runs:
             p.error(f"{flag_of(next(iter(options)))} is an option of --method {name}, not {args.method}")
+    check_session_options(p, args)
     return args
+
+
+def add_session_options(p):
+    group = p.add_argument_group("many questions, one encoding of the document (Engine.open)")
+    group.add_argument("--questions", metavar="FILE",
+                       help="answer each line of FILE (- for standard input) in turn; with --json one object a line")
+    group.add_argument("--interactive", action="store_true",
+                       help="answer each line typed on standard input in turn; EOF (Ctrl-D) or Ctrl-C at the "
+                            "prompt ends")
+    group.add_argument("--session-cache-gib", type=float, metavar="GIB",
+                       help="the most device memory the document's encoding takes: ParallelComp's chunk K/V beyond "
+                            "it go to pinned CPU memory, other methods' are refused (default: half the free memory "
+                            "for ParallelComp, all of it otherwise)")
+
+
+def check_session_options(p, args):
+    many = [flag for flag, given in (("--questions", args.questions is not None), ("--interactive", args.interactive))
+            if given]
+    if len(many) == 2:
+        p.error("--questions and --interactive both give the questions: choose one")
+    if many and args.question is not None:
+        p.error(f"--question asks one question, {many[0]} many: choose one")
+    if args.session_cache_gib is not None and not many:
+        p.error("--session-cache-gib applies with --questions or --interactive")
+    if many and args.prompt == "-" and (args.interactive or args.questions == "-"):
+        p.error(f"{many[0]} reads the questions from standard input: give --prompt a file")
 
 
 # The byte-order marks of the Unicode encodings a prompt may be saved in that are not UTF-8; UTF-32 LE's starts with
@@ -553,16 +581,91 @@ def cli_message(error):
 def planned(args, log):
     """Check the options, read the prompt, load the model and plan the generation, the flags
     merged over the checkpoint's config of the method chosen: (engine, plan, sampling)."""
-    decode_options(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)  # before the model loads
-    ranks.init(args.device)  # under torchrun, rank 0 reads the prompt for all
-    document = ranks.from_rank0(read_prompt, args.prompt, bool(args.question))
-    engine = Engine(args.model, args.device, getattr(torch, args.dtype) if args.dtype else None, log)
-    sampling = decode_options(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                              ranks.common_seed(args.seed))
+    engine, document, sampling = loaded(args, log, bool(args.question))
     question = QUESTION_SEPARATOR + args.question if args.question else None
     plan = engine.plan(document, question, chat=args.chat, method=args.method, max_new_tokens=args.max_new_tokens,
                        options=given_options(args))
     return engine, plan, sampling
+
+
+def loaded(args, log, asked):
+    """Check the options, read the prompt (empty only when a question is `asked`) and load the
+    model: (engine, document, sampling)."""
+    decode_options(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)  # before the model loads
+    ranks.init(args.device)  # under torchrun, rank 0 reads the prompt for all
+    document = ranks.from_rank0(read_prompt, args.prompt, asked)
+    engine = Engine(args.model, args.device, getattr(torch, args.dtype) if args.dtype else None, log)
+    sampling = decode_options(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                              ranks.common_seed(args.seed))
+    return engine, document, sampling
+
+
+def read_questions(path):
+    """The questions of --questions: the lines of file `path` (- for standard input) that are not blank."""
+    name = "from standard input" if path == "-" else f"file {path}"
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        questions = [line for line in data.decode("utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise EngineError(f"the questions file {path} does not exist")
+    except UnicodeDecodeError as e:
+        raise EngineError(f"the questions {name} are not text: invalid UTF-8 at byte {e.start}; save them as UTF-8")
+    except OSError as e:
+        raise EngineError(f"cannot read the questions {name}: {e.strerror}")
+    if not questions:
+        raise EngineError(f"the questions {name} hold no question (one a line)")
+    return questions
+
+
+def typed_questions(prompt):
+    """The questions of --interactive: the lines typed on standard input that are not blank, until
+    EOF or Ctrl-C; `prompt` (a terminal's) shows "> " on stderr before each."""
+    while True:
+        if prompt:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        try:
+            line = sys.stdin.buffer.readline()
+        except KeyboardInterrupt:
+            line = b""
+        if not line:
+            if prompt:
+                sys.stderr.write("\n")
+            return
+        try:
+            question = line.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise EngineError("a question typed on standard input is not UTF-8 text")
+        if question:
+            yield question
+
+
+def answer_questions(args, log, bar):
+    """--questions, --interactive: the document encoded once (Engine.open), each question then
+    answered in turn as --question answers it, streamed or one JSON object a line."""
+    questions = read_questions(args.questions) if args.questions is not None else \
+        typed_questions(not args.quiet and sys.stdin.isatty())
+    engine, document, sampling = loaded(args, log, True)
+    try:
+        session = engine.open(document, chat=args.chat, method=args.method, max_new_tokens=args.max_new_tokens,
+                              options=given_options(args), session_cache_gib=args.session_cache_gib, on_progress=bar)
+    finally:
+        if bar:
+            bar.close()
+    s = session.stats
+    if not (args.quiet or args.json):
+        print(f"[session] {s['method']}: document {s['document_tokens']:,} tokens encoded in {s['encode_seconds']:.2f} "
+              f"s, cache {s['session_cache_bytes'] / 2**30:.2f} GiB on {s['session_cache_device']}", file=sys.stderr)
+    stream = None if args.json else lambda text: (sys.stdout.write(text), sys.stdout.flush())
+    for question in questions:
+        try:
+            generation = session.ask(QUESTION_SEPARATOR + question, temperature=args.temperature, top_p=args.top_p,
+                                     top_k=args.top_k, seed=sampling.seed, cuda_graph=not args.no_cuda_graph,
+                                     on_text=stream, on_progress=bar)
+        finally:
+            if bar:
+                bar.close()
+        report(generation, args)
 
 
 def answer(engine, plan, sampling, args, bar):
@@ -602,6 +705,9 @@ def main(argv=None):
     bar = ProgressBar(sys.stderr) if sys.stderr.isatty() and not args.quiet else None
     method = args.method  # what an out-of-memory message advises on: the planned method once there is one
     try:
+        if args.questions is not None or args.interactive:
+            answer_questions(args, log, bar)
+            return 0
         engine, plan, sampling = planned(args, log)
         method = plan.method
         if ranks.world() > 1 and not METHODS[method].spans_processes:

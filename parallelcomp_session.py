@@ -56,11 +56,13 @@ class StoreWriter:
         self.store, self.indices = store, indices
 
     def __call__(self, layer, q, k, v):
-        s = self.store
+        s, T = self.store, k.shape[2]
         for b, j in enumerate(self.indices):
             n = s.context_lens[j]
-            s.k[j, layer, :, :n].copy_(k[b, :, :n], non_blocking=True)  # into pinned memory: in stream order
-            s.v[j, layer, :, :n].copy_(v[b, :, :n], non_blocking=True)
+            # the whole padded row, a contiguous block of the store (pinned memory: copied in stream order);
+            # the padding's keys are finite, and masked where the chunk is read
+            s.k[j, layer, :, :T].copy_(k[b], non_blocking=True)
+            s.v[j, layer, :, :T].copy_(v[b], non_blocking=True)
             if s.queries is not None:
                 w = min(n, OBSERVATION_WINDOW)
                 s.queries[j, layer, :, OBSERVATION_WINDOW - w:] = q[b, :, n - w:n]
@@ -81,14 +83,14 @@ def encode_store(model, prompt, spans, home, kv_eviction, on_progress=None):
     n, T = len(spans), max(lens)
     pin = home.type == "cpu" and device.type == "cuda"
     shape = (n, c.n_layers, c.n_kv_heads, T, c.head_dim)
-    # zeros: a shorter chunk's padding slot is masked, and a masked NaN would still poison the attention
+    # zeros: a padding slot no batch writes is masked, and a masked NaN would still poison the attention
     k, v = (torch.zeros(shape, device=home, dtype=model.dtype, pin_memory=pin) for _ in range(2))
     queries = None
     if kv_eviction:
         queries = torch.zeros(n, c.n_layers, c.n_heads, OBSERVATION_WINDOW, c.head_dim, device=device, dtype=model.dtype)
     store = ChunkStore(spans, lens, k, v, torch.zeros(n, c.dim, device=device, dtype=model.dtype), queries)
-    batch, done = chunk_batch_size(model, T, n), 0
-    while done < n and T:
+    batch, done = chunk_batch_size(model, max(T, 1), n), 0
+    while done < n and T:  # T = 0: an empty context and head, nothing to encode
         indices = range(done, min(done + batch, n))
         inputs = [prompt.head + prompt.context[spans[j].start:spans[j].stop] for j in indices]
         try:
@@ -165,12 +167,13 @@ def score_chunks(model, store, prompt, indices, kv_budget, k, v):
 
 def score_batch_size(model, store, question_len):
     """Chunks per scoring forward: what half the free memory holds of a chunk's share, one
-    layer's keys and values with the question's, the attention scores and the logits of its
-    rows, and its whole K/V where the store is elsewhere."""
+    layer's keys and values with the question's (and a copy per query head, where attention under
+    a mask repeats them), the attention scores and the logits of its rows, and its whole K/V
+    where the store is elsewhere."""
     c = model.config
     n, T = store.k.shape[0], store.k.shape[3]
     layer_kv = kv_bytes_per_token(model) // c.n_layers
-    per_chunk = (T + question_len) * (2 * layer_kv + 4 * c.n_heads * question_len) \
+    per_chunk = (T + question_len) * (layer_kv * (1 + c.n_heads // c.n_kv_heads) + 4 * c.n_heads * question_len) \
         + question_len * (activation_bytes_per_token(model) + 4 * c.vocab_size)
     if store.k.device != model.device:
         per_chunk += kv_bytes_per_token(model) * T

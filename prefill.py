@@ -32,6 +32,7 @@ from model import KVCache, Llama
 
 PREFILL_PIECE = {"cuda": 8192, "cpu": 2048}  # tokens per causal-prefill forward
 QUESTION_ROOM = 256  # question tokens a session's cache leaves room for before it must grow
+PINNED_SHARE = 0.8  # of the host's available memory, what a session's offloaded encoding may pin
 
 
 class OptionError(ValueError):
@@ -173,18 +174,18 @@ def extend(model, cache, ids, position):
 def encoding_home(model, nbytes, limit, offload=False):
     """Where a session's encoding of `nbytes` lives: the model's device when it stays within
     `limit` bytes (None: half the free memory where it may be offloaded, else all of it); else,
-    where it may be `offload`ed and the model is on a GPU, the CPU (pinned memory), when half the
-    available host memory holds it. One that fits nowhere is refused: OptionError naming
-    session_cache_gib when a limit was given, MemoryShortage otherwise."""
+    where it may be `offload`ed and the model is on a GPU, the CPU (pinned memory), within
+    PINNED_SHARE of the available host memory. One that fits nowhere is refused: OptionError
+    naming session_cache_gib when a limit was given, MemoryShortage otherwise."""
     device, gib = model.device, nbytes / 2**30
     free = free_memory(device)
     if nbytes <= (limit if limit is not None else free // 2 if offload else free):
         return device
     host = available_memory()
     offloads = offload and device.type == "cuda"
-    if offloads and nbytes <= host // 2:
+    if offloads and nbytes <= PINNED_SHARE * host:
         return torch.device("cpu")
-    host_part = f" and than half the host's {host / 2**30:.1f} GiB available" if offloads else ""
+    host_part = f" and than {PINNED_SHARE:.0%} of the host's {host / 2**30:.1f} GiB available" if offloads else ""
     if limit is not None:
         raise OptionError("session_cache_gib", f"the session's cache needs {gib:.2f} GiB, more than {{0}} "
                                                f"({limit / 2**30:g} GiB) allows on {device}{host_part}: raise {{0}} "
