@@ -183,28 +183,35 @@ def score_batch_size(model, store, question_len):
 def select_stored_chunks(model, store, prompt, config, on_progress=None):
     """Score every stored chunk by prompt's question in batches, keeping the top-k after each (as
     select_chunks does): the kept ChunkCaches in document order."""
-    n, device = len(store.spans), model.device
-    offloaded = store.k.device != device
+    n = len(store.spans)
     batch, kept, done = score_batch_size(model, store, len(prompt.question)), [], 0
     while done < n:
         indices = range(done, min(done + batch, n))
         try:
-            k, v = (t[indices.start:indices.stop].to(device, non_blocking=True) for t in (store.k, store.v))
-            kept = chunk_eviction(kept + score_chunks(model, store, prompt, indices, config.kv_budget, k, v),
-                                  config.top_k_chunks)
+            kept = keep_best(model, store, prompt, indices, config, kept)
         except torch.OutOfMemoryError:
             if batch == 1:
                 raise
             batch //= 2
             continue
-        if offloaded and config.kv_budget is None:  # views of this batch's copy: their own, so that it is freed
-            for chunk in kept:
-                if chunk.index in indices:
-                    chunk.k, chunk.v = chunk.k.clone(), chunk.v.clone()
         done = indices.stop
         if on_progress:
             on_progress(done, n)
     return sorted(kept, key=lambda c: c.index)
+
+
+def keep_best(model, store, prompt, indices, config, kept):
+    """The top-k (chunk_eviction) of `kept` and the chunks `indices` scored. Where the store is
+    elsewhere the batch's K/V are copied to the model's device, and the kept chunks of the batch
+    own theirs: the copy is freed on return."""
+    k, v = (t[indices.start:indices.stop].to(model.device, non_blocking=True) for t in (store.k, store.v))
+    best = chunk_eviction(kept + score_chunks(model, store, prompt, indices, config.kv_budget, k, v),
+                          config.top_k_chunks)
+    if store.k.device != model.device and config.kv_budget is None:  # views of the copy
+        for chunk in best:
+            if chunk.index in indices:
+                chunk.k, chunk.v = chunk.k.clone(), chunk.v.clone()
+    return best
 
 
 # ---------------------------------------------------------------------------- the session's encoding

@@ -109,6 +109,56 @@ def test_prefill_attention_kernels_equal_sdpa(kernel, H, H_kv, D, before):
     assert (fast(q, k, v).float() - expected).abs().max() <= 1e-2
 
 
+# ---------------------------------------------------------------------------- sessions (Engine.open)
+
+SESSION_QUESTIONS = (QUESTION, "\n\nWhich number is hidden in the text? It is", "\n\nWhat colour is the sky?")
+
+
+def fresh_margins(engine, plan, tokens):
+    """The margins between the two best logits at each of `tokens`' steps, teacher-forced after
+    the plan's own prefill (EOS masked at the first step, as the decode loop masks it)."""
+    margins = []
+    with torch.inference_mode():
+        prefilled = METHODS[plan.method].prefill(engine.model, plan.prompt, plan.config, plan.max_new_tokens)
+        model, logits, position = prefilled.model or engine.model, prefilled.logits.clone(), prefilled.next_position
+        logits[list(engine.tokenizer.eos_ids)] = float("-inf")
+        for token in tokens:
+            top2 = logits.topk(2).values
+            margins.append(float(top2[0] - top2[1]))
+            hidden = model(torch.tensor([[token]], device="cuda"), torch.tensor([[position]], device="cuda"),
+                           prefilled.cache.decode_attend)
+            logits, position = model.logits(hidden[0, -1]), position + 1
+    return margins
+
+
+@pytest.mark.parametrize("case", [*METHODS, "parallelcomp+kv", "parallelcomp+calibration", "parallelcomp+offloaded",
+                                  "hybrid+block"])
+def test_session_answers_as_generate(engine, case):
+    """bf16 sessions over a 12,000-token pass-key document, three questions in both orders: each
+    answer has the tokens of generate(document, question) up to the first step where the fresh
+    answer's two best logits are closer than NEAR_TIE (the session's batching moves bf16 logits
+    too); ParallelComp keeps the same chunks. offloaded: the chunk store in pinned CPU memory
+    (session_cache_gib=0), streamed back for each question."""
+    document = passkey_document(engine.tokenizer, 12000, 0.4, "73019")
+    method, variant = (case.split("+") + [None])[:2]
+    config = {**CONFIGS, "hybrid+block": HybridConfig(pattern="block"),
+              "parallelcomp+offloaded": CONFIGS["parallelcomp"]}.get(case)
+    kwargs = dict(instruction=INSTRUCTION, method=method, max_new_tokens=32, config=config)
+    decided = []
+    for order in (SESSION_QUESTIONS, SESSION_QUESTIONS[::-1]):
+        session = engine.open(document, session_cache_gib=0 if variant == "offloaded" else None, **kwargs)
+        assert session.stats["session_cache_device"] == ("cpu" if variant == "offloaded" else "cuda:0")
+        for question in order:
+            got, fresh = session.ask(question), engine.generate(document, question, **kwargs)
+            plan = engine.plan(document, question, **kwargs)
+            margins = fresh_margins(engine, plan, fresh.tokens)
+            until = next((i for i, margin in enumerate(margins) if margin < NEAR_TIE), len(fresh.tokens))
+            assert got.tokens[:until] == fresh.tokens[:until], (question, until)
+            assert got.stats.get("kept_spans") == fresh.stats.get("kept_spans")
+            decided.append(until)
+    assert max(decided) > 8, decided
+
+
 # ---------------------------------------------------------------------------- Qwen2.5-Coder-1.5B
 
 QWEN25_SHAPE = ModelConfig(vocab_size=151936, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, head_dim=128,

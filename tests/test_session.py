@@ -361,3 +361,21 @@ def test_a_session_cache_beyond_the_limit_is_one_line(files, capsys):
     assert (code, out) == (1, "")
     assert re.fullmatch(r"error: the session's cache needs [\d.]+ GiB, more than --session-cache-gib \(0 GiB\) allows "
                         r"on cpu: raise --session-cache-gib or shorten the document\n", err), err
+
+
+# ---------------------------------------------------------------------------- the benchmark
+
+def test_session_bench_runs_on_a_cpu(tmp_path, capsys):
+    """eval/session_bench.py on stories260K: a row per method with every figure, question 1's
+    first token and chunks those of the fresh prefill (its speed is the benchmark's, not a test's)."""
+    sys.path.insert(0, str(REPO / "eval"))
+    import session_bench
+    session_bench.main(["--model", str(STORIES), "--contexts", "1500", "--questions", "3", "--device", "cpu",
+                        "--methods", "parallelcomp", "full", "--out", str(tmp_path / "s")])
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["device"] == "cpu" and [r["method"] for r in result["rows"]] == ["parallelcomp", "full"]
+    for row in result["rows"]:
+        assert row["same_as_fresh"] is True and len(row["question_s"]) == 3 and row["cache_home"] == "cpu"
+        assert row["cache_bytes"] > 0 and row["fresh_s"] > 0 and row["later_s"] > 0
+    assert result["rows"][0]["chunks"] == 8  # 1,436 context tokens in chunks of at most 512 - 64 - 256
+    assert capsys.readouterr().out.count("| parallelcomp | 1500 |") == 2  # as measured, then in the table
