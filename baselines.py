@@ -184,9 +184,9 @@ class PrefixCache:
         p = min(common_prefix(self.ids, ids), len(ids) - 1)
         self.ids = self.ids[:p]  # what stays valid should the prefill be interrupted
         if len(ids) + answer_budget > self.cache.capacity:
-            cache, self.cache = self.cache, None
-            self.cache = self.new_cache(len(ids) + answer_budget + QUESTION_ROOM, len(ids) - p)
-            carry_over(cache, self.cache, p)
+            grown = self.new_cache(len(ids) + answer_budget + QUESTION_ROOM, len(ids) - p)
+            carry_over(self.cache, grown, p)
+            self.cache = grown
         self.cache.lens.fill_(p)
         logits = extend(self.model, self.cache, ids[p:], p)
         self.ids = ids

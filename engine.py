@@ -360,7 +360,7 @@ class Session:
 
     def encode(self, method, prompt, max_new_tokens, on_progress):
         """Encode prompt's head and context by `method`: the tokens encoded."""
-        engine, self.encoding = self.engine, None  # the old encoding's memory goes first
+        engine, self.method, self.encoding = self.engine, None, None  # the old encoding's memory goes first
         if engine.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(engine.device)
         start = time.perf_counter()
