@@ -1,6 +1,7 @@
-"""What the tests share: the paths of the shared models and data, a writer of random checkpoints
-with Hugging Face tensor names, and the real models as fixtures. Test files import the plain
-names with `from conftest import ...`."""
+"""What the tests share: the paths of the models and data (those that ship in tests/assets, and
+those in ../shared, whose tests skip without it), a writer of random checkpoints with Hugging Face
+tensor names, and the real models as fixtures. Test files import the plain names with
+`from conftest import ...`."""
 
 import json
 import os
