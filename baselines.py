@@ -3,15 +3,19 @@
 full: plain causal attention over the whole prompt; past the trained window that is the model's
 own extrapolation. truncate: the first and last halves of what the window leaves, as LongBench
 truncates its prompts. streaming: StreamingLLM (Xiao et al., arXiv 2309.17453), a few attention
-sinks and a recent window, evicted tokens dropped as the prompt streams in.
+sinks and a recent window, evicted tokens dropped as the prompt streams in. yarn: full attention
+with YaRN (Peng et al., arXiv 2309.00071) applied to a checkpoint trained without it, its window
+stretched `factor` times (Qwen2.5's model card: factor 4 over 32,768 positions for 128K); the
+decode loop continues on the same YaRN view of the model (Prefilled.model).
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from model import KVCache, apply_rope
-from prefill import OptionError, Prefilled, causal_prefill
+from model import KVCache
+from rope import apply_rope
+from prefill import OptionError, Prefilled, causal_prefill, option
 
 SINK_TOKENS = 4  # StreamingLLM's attention sinks
 STREAM_BLOCKS = 8  # streaming: tokens enter in blocks of an eighth of the cache
@@ -58,12 +62,13 @@ def prefill_truncate(model, prompt, config, answer_budget, on_progress=None):
     return Prefilled(cache, logits, len(ids), full_stats(len(ids), len(prompt.ids()) - len(ids)))
 
 
-def shift_back(cache, drop, n, inv_freq):
+def shift_back(cache, drop, n, rope):
     """Evict the `drop` oldest tokens after the sinks from a cache of n: the rest move down by
-    `drop` slots and their keys are rotated back by `drop` positions, so positions stay 0..n-drop-1."""
-    angles = -drop * inv_freq  # (D/2,): RoPE by a negative shift
+    `drop` slots and their keys are rotated back by `drop` positions, so positions stay 0..n-drop-1.
+    rope: the model's Llama.rope; a relative turn, so without YaRN's temperature, which the keys carry."""
+    cos, sin = rope(torch.tensor([[-drop]], device=cache.k.device), temperature=False)  # (1, 1, 1, D/2)
     recent = slice(SINK_TOKENS + drop, n)
-    cache.k[:, 0, :, SINK_TOKENS:n - drop] = apply_rope(cache.k[:, 0, :, recent], angles.cos(), angles.sin())
+    cache.k[:, 0, :, SINK_TOKENS:n - drop] = apply_rope(cache.k[:, 0, :, recent], cos, sin)
     cache.v[:, 0, :, SINK_TOKENS:n - drop] = cache.v[:, 0, :, recent].clone()
 
 
@@ -79,7 +84,7 @@ def prefill_streaming(model, prompt, config, answer_budget, on_progress=None):
         tokens = ids[start:start + block]
         drop = max(0, n + len(tokens) - keep)
         if drop:
-            shift_back(cache, drop, n, model.inv_freq)
+            shift_back(cache, drop, n, model.rope)
             n -= drop
         positions = torch.arange(n, n + len(tokens), device=model.device)[None]
         hidden = model(torch.tensor([tokens], device=model.device), positions, cache.prefill_attend(n))
@@ -87,3 +92,32 @@ def prefill_streaming(model, prompt, config, answer_budget, on_progress=None):
         forwards.append([len(tokens), n])
     stats = dict(truncated_tokens=len(ids) - n, forwards=forwards, scored_tokens=0)
     return Prefilled(cache, model.logits(hidden[0, -1]), n, stats)
+
+
+@dataclass(frozen=True)
+class YarnConfig:
+    factor: float = option(4.0, "YaRN's factor: the window becomes this many times the trained one",
+                           flag="--yarn-factor", metavar="FACTOR")
+
+    def validate(self, model_config):
+        if not self.factor >= 1:
+            raise OptionError("factor", "{} must be at least 1")
+        if model_config.rope_scaling is not None:
+            raise OptionError("method", f"{{0}} yarn applies YaRN to a checkpoint without RoPE scaling; this one "
+                                        f"has {model_config.rope_type} scaling in its config.json: use {{0}} full")
+
+
+def prefill_yarn(model, prompt, config, answer_budget, on_progress=None):
+    """Causal prefill of the whole prompt on a YaRN view of the model whose window is `factor`
+    times the trained one; the decode loop continues on that view."""
+    config.validate(model.config)
+    window = model.config.max_position_embeddings
+    scaling = {"rope_type": "yarn", "factor": config.factor, "original_max_position_embeddings": window}
+    yarn = model.with_rope_scaling(scaling, int(config.factor * window))
+    ids, extended = prompt.ids(), yarn.config.max_position_embeddings
+    if len(ids) + answer_budget > extended:
+        raise OptionError("factor", f"the prompt ({len(ids):,} tokens) and the answer ({answer_budget:,}) exceed "
+                                    f"YaRN's {extended:,}-token window ({{0}} {config.factor:g} times {window:,}): "
+                                    f"raise {{0}}, lower the answer budget or shorten the prompt")
+    cache, logits = causal_prefill(yarn, ids, answer_budget)
+    return Prefilled(cache, logits, len(ids), full_stats(len(ids)), model=yarn)

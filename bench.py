@@ -4,16 +4,17 @@
     python bench.py --model prolong-8b --contexts 65536 131072 262144 524288 \
         --methods full parallelcomp:chunk-tokens=8192 --no-transformers --out bench_prolong.json
 
-Models: SmolLM2-135M (the embedded checkpoint; `both` is it and llama3-8b) and models with random
-bf16 weights made on the GPU in the shapes of Llama-3-8B (8K window), Llama-3.1-8B (128K) and
-ProLong-8B-512K (Llama-3-8B with RoPE base 1.28e8 and a 512K window). A model without shipped
-Locret heads gets random ones of Locret's published shape (1024 wide): speed does not depend on
-their values. For each context length and method it measures prefill time (after a warm-up on
-the prompt's first tokens, which builds the attention plans of its shapes) and decode time per
-token with CUDA graphs, and prints each beside its floor: prefill FLOPs over the bf16 matmul
-rate, decode bytes (weights + KV read per token) over the copy bandwidth, both measured in the
-same run. A length whose cache does not fit is a row saying so. transformers' LlamaForCausalLM
-(sdpa) runs the same shapes when it is installed, twice: eager with its dynamic cache, as it runs
+Models: the embedded checkpoints, SmolLM2-135M (`smollm2`) and Qwen2.5-Coder-1.5B (`qwen2.5-1.5b`),
+fetched on first use (`both` is smollm2 and llama3-8b), and models with random bf16 weights made on
+the GPU in the shapes of Llama-3-8B (8K window), Llama-3.1-8B (128K) and ProLong-8B-512K
+(Llama-3-8B with RoPE base 1.28e8 and a 512K window). A model without shipped Locret heads gets
+random ones of Locret's published shape (1024 wide): speed does not depend on their values. For
+each context length and method it measures prefill time (after a warm-up on the prompt's first
+tokens, which builds the attention plans of its shapes) and decode time per token with CUDA
+graphs, and prints each beside its floor: prefill FLOPs over the bf16 matmul rate, decode bytes
+(weights + KV read per token) over the copy bandwidth, both measured in the same run. A length
+whose cache does not fit, or that a method's window refuses (yarn's), is a row saying so. transformers (its class for the checkpoint, sdpa)
+runs the same shapes when it is installed, twice: eager with its dynamic cache, as it runs
 by default, and in the fast path its documentation recommends (a StaticCache, each decode step
 compiled with torch.compile's reduce-overhead mode; the compile timed apart).
 """
@@ -28,9 +29,10 @@ import torch
 from checkpoint import load_model
 from decoding import Decoder, SamplingParams
 from locret import random_heads, ships_heads
-from methods import METHODS, add_options, parse_specs, prepared
+from methods import METHODS, add_options, parse_specs
 from model import ModelConfig, build_model
-from prefill import MemoryShortage, Prompt
+from prefill import MemoryShortage, OptionError, Prompt
+from weights import MODELS, resolve
 
 LLAMA3_8B = ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                         ffn_dim=14336, norm_eps=1e-5, rope_theta=500000.0, rope_scaling=None,
@@ -47,20 +49,46 @@ TIMED_STEPS, REPEATS = 32, 5  # decode: the median of 5 runs of 32 steps, after 
 COMPILE_CALLS = 3  # torch.compile's reduce-overhead mode records its CUDA graph by the third call
 
 
-# ---------------------------------------------------------------------------- physical limits
+# ---------------------------------------------------------------------------- what the benchmarks share
 
-def timed(fn, repeat=1):
-    """Median seconds of fn() over `repeat` runs, after one warm-up, with device events."""
+def timed(fn, repeat=1, device="cuda"):
+    """Median seconds of fn() over `repeat` runs, after one warm-up."""
     fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    times = sorted(seconds(fn, torch.device(device)) for _ in range(repeat))
+    return times[len(times) // 2]
+
+
+def seconds(fn, device):
+    """The time fn() takes: between device events on a GPU, by the clock elsewhere (eval/distributed_bench.py
+    runs on CPUs too)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+        return time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1e3
+
+
+def random_model(config, device):
+    """A Llama of `config` with random bf16 weights, N(0, 0.02) from seed 0: the same on every GPU."""
+    model = build_model(config, device, torch.bfloat16)
+    gen = torch.Generator(device).manual_seed(0)
+    for param in model.parameters():
+        param.normal_(0, 0.02, generator=gen)
+    return model
+
+
+def random_prompt(config, context):
+    """`context` random tokens drawn from a seed of that length, the last QUESTION_TOKENS of them the question."""
+    ids = torch.randint(0, config.vocab_size, (context,), generator=torch.Generator().manual_seed(context)).tolist()
+    return Prompt([], ids[:-QUESTION_TOKENS], ids[-QUESTION_TOKENS:])
+
+
+# ---------------------------------------------------------------------------- physical limits
 
 
 def measure_limits():
@@ -101,15 +129,14 @@ def prefill_flops(c, stats):
         + 2 * stats["scored_tokens"] * c.vocab_size * c.dim
 
 
-def bench_engine(model, context, label, method, config, bandwidth, matmul_rate):
+def bench_engine(model, context, label, method, overrides, bandwidth, matmul_rate):
     c = model.config
-    gen = torch.Generator().manual_seed(context)
-    ids = torch.randint(0, c.vocab_size, (context,), generator=gen).tolist()
-    prompt = Prompt([], ids[:-QUESTION_TOKENS], ids[-QUESTION_TOKENS:])
+    prompt = random_prompt(c, context)
+    config = METHODS[method].config(**overrides)
     if method == "locret" and config.retaining_heads is None and not ships_heads(c):
         config = replace(config, retaining_heads=random_heads(c, LOCRET_HIDDEN))
     # a token a word for text options: speed depends on their length only
-    config = prepared(config, model, lambda text: [sum(map(ord, w)) % c.vocab_size for w in text.split()])
+    config = METHODS[method].ready(config, model, lambda text: [sum(map(ord, w)) % c.vocab_size for w in text.split()])
     prefill = METHODS[method].prefill
     row = dict(engine="ours", method=label, context=context)
     try:
@@ -125,10 +152,10 @@ def bench_engine(model, context, label, method, config, bandwidth, matmul_rate):
             seconds = time.perf_counter() - start
             prefill_memory = torch.cuda.max_memory_allocated()
             cached = prefilled.cache.lens.max().item()
-            decoder = Decoder(model, prefilled.cache, int(prefilled.logits.argmax()), prefilled.next_position,
-                              DECODE_STEPS, SamplingParams().sampler("cuda"), True)
+            decoder = Decoder(prefilled.model or model, prefilled.cache, int(prefilled.logits.argmax()),
+                              prefilled.next_position, DECODE_STEPS, SamplingParams().sampler("cuda"), True)
             decode = timed(lambda: decoder.run(TIMED_STEPS), REPEATS) / TIMED_STEPS
-    except MemoryShortage as e:
+    except (MemoryShortage, OptionError) as e:  # a cache that does not fit; a prompt past yarn's window
         return dict(row, error=str(e))
     flops = prefill_flops(c, prefilled.stats)
     extra = {k: prefilled.stats[k] for k in ("chunks", "kv_bytes", "full_kv_bytes") if k in prefilled.stats}
@@ -144,9 +171,9 @@ def bench_engine(model, context, label, method, config, bandwidth, matmul_rate):
 # ---------------------------------------------------------------------------- transformers
 
 def transformers_model(c, checkpoint):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
     if checkpoint:
-        return LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
     hf = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
                      num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
                      head_dim=c.head_dim, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
@@ -252,7 +279,7 @@ def table(rows):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", nargs="+", choices=("smollm2", *RANDOM_SHAPES, "both"), default=["both"])
+    p.add_argument("--model", nargs="+", choices=(*MODELS, *RANDOM_SHAPES, "both"), default=["both"])
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--methods", nargs="+", default=["full", "parallelcomp"], metavar="METHOD[:FLAG=VALUE,...]",
                    help="methods of the table, each in the settings after its colon")
@@ -278,19 +305,15 @@ def main():
 
     names = [n for name in args.model for n in (("smollm2", "llama3-8b") if name == "both" else (name,))]
     for name in dict.fromkeys(names):
-        if name == "smollm2":
-            from weights.smollm2 import ensure_default_model
-            checkpoint = ensure_default_model()
+        if name in MODELS:
+            checkpoint = resolve(name)
             model = load_model(checkpoint, "cuda", torch.bfloat16)
         else:
             checkpoint = None
-            model = build_model(RANDOM_SHAPES[name], "cuda", torch.bfloat16)
-            gen = torch.Generator("cuda").manual_seed(0)
-            for param in model.parameters():
-                param.normal_(0, 0.02, generator=gen)
+            model = random_model(RANDOM_SHAPES[name], "cuda")
         for context in args.contexts:
-            for label, (method, config) in runs.items():
-                add(dict(model=name, **bench_engine(model, context, label, method, config, bandwidth, matmul_rate)))
+            for label, (method, overrides) in runs.items():
+                add(dict(model=name, **bench_engine(model, context, label, method, overrides, bandwidth, matmul_rate)))
         config = model.config
         del model
         torch.cuda.empty_cache()

@@ -5,10 +5,15 @@ from dataclasses import dataclass
 
 import torch
 
-from model import argmax
+from model import kernels
 from prefill import OptionError
 
 GRAPH_BLOCK = 16  # decode steps replayed between host syncs (streaming granularity on a GPU)
+
+
+def argmax(x):
+    """Index of the largest value of each row of x (B, V) float32 -> (B,) int64, the first of equal ones."""
+    return kernels.argmax(x.contiguous()) if kernels is not None and x.is_cuda else x.argmax(-1)
 
 
 def sample(logits, temperature, top_k, top_p, generator):

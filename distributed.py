@@ -20,12 +20,11 @@ the kept K/V go:
   runs eagerly: collectives are not captured in CUDA graphs. Every rank samples the same token
   (the same logits, the same seed).
 
-Every rank returns rank 0's answer. After each phase the ranks exchange a status, so that an
-exception on one rank is raised on all, naming it (RankError), instead of leaving the others
-waiting. In the sharded query pass and decode, where the ranks compute in lockstep, a failure
-of the local attention contributes an empty share and is raised at the next exchange; any other
-exception there ends its process, and torchrun then stops the others, as it does when a process
-dies. TIMEOUT bounds every other wait.
+Every rank returns rank 0's answer. After each phase the ranks exchange a status (ranks.py), so
+that an exception on one rank is raised on all. In the sharded query pass and decode, where the
+ranks compute in lockstep, a failure of the local attention contributes an empty share and is
+raised at the next exchange; any other exception there ends its process, and torchrun then stops
+the others, as it does when a process dies.
 
 Deviations from Star Attention, all deliberate:
 - no anchor blocks and no global positions: ParallelComp's chunks restart their positions and
@@ -37,144 +36,18 @@ Deviations from Star Attention, all deliberate:
   keys from the early question rows: methods.md §6.1).
 """
 
-import atexit
-import os
-from datetime import timedelta
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 import parallelcomp
-from model import CACHE_ALIGN, attention_lse, merge_lse, scores_f32
+from attention import matmul_f32, merge_lse, scores_f32
+from model import CACHE_ALIGN
 from parallelcomp import ChunkCache, has_bos_head, stored_tokens
 from prefill import OptionError, Prefilled
+from ranks import agree, checked, rank, world
 
-TIMEOUT = timedelta(minutes=10)  # the longest a collective waits: the other ranks wait out rank 0's gathered decode
-
-
-class RankError(RuntimeError):
-    """A failure on some rank, raised on every rank (on rank 0, only for another rank's) so that none waits for it."""
-
-    def __init__(self, rank, reason):
-        super().__init__(f"rank {rank}: {reason}")
-        self.rank = rank
-
-
-# ---------------------------------------------------------------------------- the process group
-
-def world():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank():
-    """This process's rank: torch.distributed's, or torchrun's before the process joins its group."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
-
-
-def init(device):
-    """Join torchrun's process group, once, when it started several processes: NCCL with this
-    process's GPU, gloo on the CPU. Returns the device to use: `device`, with cuda naming the GPU
-    cuda:LOCAL_RANK (None: cuda when there is one)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return device
-    name = str(device) if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if name != "cuda":
-            raise OptionError("device", f"{{0}} {name}: under torchrun every process takes its own GPU; "
-                                        f"give {{0}} cuda or cpu")
-        per_host, gpus = int(os.environ["LOCAL_WORLD_SIZE"]), torch.cuda.device_count()
-        if gpus < per_host:
-            raise OptionError("device", f"{{0}} cuda: torchrun started {per_host} processes on this host, which has "
-                                        f"{gpus} CUDA GPUs (NCCL needs one per process): lower --nproc-per-node "
-                                        f"or give {{0}} cpu")
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(name)
-    if not dist.is_initialized():
-        cuda = name.startswith("cuda")
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT,
-                                device_id=torch.device(name) if cuda else None)
-        atexit.register(dist.destroy_process_group)  # a group left to the interpreter's exit aborts it
-    return name
-
-
-def describe(error):
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-def agree(error):
-    """Every rank learns whether any failed since the last exchange (error: this rank's exception
-    or None): raises the failure of the lowest failing rank on every rank, rank 0's own as it is."""
-    reasons = [None] * world()
-    dist.all_gather_object(reasons, None if error is None else describe(error))
-    failed = next(((r, reason) for r, reason in enumerate(reasons) if reason is not None), None)
-    if error is not None and rank() == 0:
-        raise error
-    if failed:
-        raise RankError(*failed) from error
-
-
-def checked(fn, *args):
-    """fn(*args) on every rank, then agree(): its result, or the first failure raised on all ranks."""
-    if world() == 1:
-        return fn(*args)
-    try:
-        result = fn(*args)
-    except Exception as e:
-        agree(e)  # raises
-    agree(None)
-    return result
-
-
-def from_rank0(fn, *args):
-    """fn(*args) computed on rank 0 and returned on every rank; its exception is raised on rank 0
-    and as a RankError on the others."""
-    if world() == 1:
-        return fn(*args)
-    error, box = None, [None]
-    if rank() == 0:
-        try:
-            box[0] = (fn(*args), None)
-        except Exception as e:
-            error, box[0] = e, (None, describe(e))
-    dist.broadcast_object_list(box, 0)
-    if error is not None:
-        raise error
-    value, reason = box[0]
-    if reason is not None:
-        raise RankError(0, reason)
-    return value
-
-
-def rank0_first(fn, *args):
-    """fn(*args) on rank 0, then on the other ranks (a download that one process should make)."""
-    if rank() == 0:
-        return checked(fn, *args)
-    checked(lambda: None)
-    return fn(*args)
-
-
-def common_seed(seed):
-    """`seed`, or with several processes and none given, one drawn on rank 0 for all: ranks that
-    decode in lockstep must sample the same tokens."""
-    if seed is not None or world() == 1:
-        return seed
-    return from_rank0(lambda: int.from_bytes(os.urandom(8), "little"))
-
-
-def decoded(prefilled, decode):
-    """decode() where this rank decodes, then rank 0's result on every rank; a failure on any
-    rank is raised on all. After a gathering prefill rank 0 decodes alone; after a sharded one
-    every rank decodes, in lockstep."""
-    if world() == 1:
-        return decode()
-    if isinstance(prefilled.cache, ShardedCache):
-        result = decode()
-        agree(prefilled.cache.failure)
-    else:
-        result = checked(lambda: None if prefilled.cache is None else decode())
-    return from_rank0(lambda: result)
+LSE_BLOCK = 2 ** 28  # attention_lse: attention scores computed at once (1 GiB in float32)
 
 
 # ---------------------------------------------------------------------------- the prefill
@@ -250,6 +123,36 @@ def shard(model, prompt, spans, kept, config, answer_budget):
 
 # ---------------------------------------------------------------------------- the sharded cache
 
+def attention_lse(q, k, v, visible=None):
+    """Softmax attention with GQA by the plain matmul form, in float32, with the log-sum-exp of
+    each row's scores: attention over disjoint sets of keys merges exactly from (out, lse).
+
+    q (B, H, Tq, D); k, v (B, H_kv, Tk, D); visible: bool (B|1, H_kv|1, Tq|1, Tk), True = may
+    attend (per KV head, as caches hold keys), None = every key. Returns out (B, H, Tq, D) and
+    lse (B, H, Tq) in float32; a row that sees no key has out 0 and lse -inf. Query rows go in
+    blocks of at most LSE_BLOCK scores.
+    """
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if Tk == 0:
+        return q.new_zeros(q.shape, dtype=torch.float32), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+    G = H // Hkv
+    rows = max(1, LSE_BLOCK // (H * Tk))
+    outs, lses = [], []
+    for a in range(0, Tq, rows):
+        T = min(rows, Tq - a)
+        s = scores_f32(q[:, :, a:a + T].reshape(B, Hkv, G * T, D), k).view(B, Hkv, G, T, Tk)
+        if visible is not None:
+            rows_visible = visible if visible.shape[2] == 1 else visible[:, :, a:a + T]
+            s = s.masked_fill(~rows_visible[:, :, None], float("-inf"))
+        lse = s.logsumexp(-1)  # (B, H_kv, G, T)
+        p = (s - lse.masked_fill(lse == float("-inf"), 0)[..., None]).exp()  # rows seeing nothing: 0, not NaN
+        o = matmul_f32(p.view(B * Hkv, G * T, Tk).to(v.dtype), v.reshape(B * Hkv, Tk, D))
+        outs.append(o.view(B, H, T, D))
+        lses.append(lse.view(B, H, T))
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
 class ShardedCache:
     """This rank's share of the cache one process would assemble (parallelcomp.assemble_cache),
     and the decode step's attention over every share.
@@ -261,6 +164,7 @@ class ShardedCache:
     rank r's entries before decoding stand in the whole cache (rank 0's question last).
     """
     graph_safe = False  # decode_attend communicates
+    lockstep = True  # every rank decodes, in lockstep (ranks.decoded)
 
     def __init__(self, model, kept, kv_budget, question_len, room):
         c, device, self.rank = model.config, model.device, rank()

@@ -4,37 +4,44 @@
 
     from engine import Engine
     engine = Engine()                       # the embedded SmolLM2-135M-Instruct
+    engine = Engine("qwen2.5-1.5b")         # the embedded Qwen2.5-Coder-1.5B-Instruct, or a checkpoint directory
     print(engine.generate(document, question="...").text)
 
 Prefill is plain causal attention when the prompt fits the model's trained window and
 ParallelComp (parallelcomp.py) when it does not, or any method of methods.py by name; decoding
 (decoding.py) runs one captured CUDA graph per token on a GPU and the same step eagerly elsewhere.
+The engine reaches the methods only through methods.METHODS.
 """
 
+import sys
+
+if __name__ == "__main__":  # python engine.py: through the entry point, which also handles Ctrl-C while torch loads
+    import cli
+    sys.exit(cli.main())
+
 import argparse
+import codecs
 import json
 import os
 import resource
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-import distributed
-from checkpoint import CheckpointError, load_model, read_json
+import ranks
+from checkpoint import CheckpointError, load_model, read_hf_config
 from decoding import SamplingParams, decode
-from distributed import RankError
-from hybrid import layout_from_config
-from methods import METHODS, add_options, config_from, flag_of, given_options, prepared
+from methods import (AUTO, AUTO_CANDIDATES, AUTO_FITS, AUTO_LONG, METHODS, HelpFormatter, add_options,
+                     checkpoint_configs, flag_of, given_options)
 from prefill import MemoryShortage, OptionError, Prompt
+from ranks import RankError
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError
-from weights import WeightsError
+from weights import DEFAULT, MODELS, WeightsError, resolve
 
-AUTO = "auto"
-AUTO_CHOICES = ("full", "parallelcomp")  # what auto chooses between
 QUESTION_CAP = 256  # tokens of the last paragraph that stand in for a missing question
+QUESTION_SEPARATOR = "\n\n"  # before the question, given on the command line or taken from the document
 CONTEXT_MARK = "\x00CONTEXT\x00"  # where the document goes inside a rendered chat template
 
 
@@ -57,6 +64,16 @@ class Generation:
     stats: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a generation runs (Engine.plan): the method, its config, validated and prepared, and
+    the prompt laid out for it."""
+    method: str
+    config: object
+    prompt: Prompt
+    max_new_tokens: int
+
+
 def resolve_device(name):
     """torch.device for `name` (None: cuda when available), checked against this machine."""
     if name is None:
@@ -73,14 +90,6 @@ def resolve_device(name):
     return device
 
 
-def checkpoint_layout(path):
-    """The HybridConfig a checkpoint trained for LongGen's pattern describes in its config.json, or None."""
-    try:
-        return layout_from_config(read_json(path))
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}")
-
-
 def decode_options(max_new_tokens, temperature, top_p, top_k, seed):
     """The answer budget checked and the sampling parameters, which check themselves."""
     if max_new_tokens < 1:
@@ -88,16 +97,18 @@ def decode_options(max_new_tokens, temperature, top_p, top_k, seed):
     return SamplingParams(temperature, top_p, top_k, seed)
 
 
-def method_config(method, config, auto):
-    """The config `method` runs with: `config`, or the method's defaults when there is none or
-    when auto chose a method other than the one `config` is for."""
-    kind = METHODS[method].config
-    if config is None or (auto and not isinstance(config, kind)
-                          and any(isinstance(config, METHODS[m].config) for m in AUTO_CHOICES)):
-        return kind()
-    if not isinstance(config, kind):
-        raise OptionError("config", f"{{}} for method {method} must be a {kind.__name__}, not {type(config).__name__}")
-    return config
+def layout(tok, document, question=None, instruction=None, chat=False):
+    """Token layout of [instruction + document] followed by the question block, in tokenizer
+    `tok`'s ids. The question follows the document verbatim, as prompt templates (LongBench's)
+    expect: put the separator your format needs at its start (the command line puts QUESTION_SEPARATOR)."""
+    instruction = instruction or ""
+    special = dict(bos_id=tok.bos_id, eos_ids=tok.eos_ids)
+    if chat:
+        content = instruction + CONTEXT_MARK + (question or "")
+        before, after = tok.render_chat([{"role": "user", "content": content}]).split(CONTEXT_MARK)
+        return Prompt(tok.encode(before), tok.encode(document), tok.encode(after), **special)
+    head = tok.bos_prefix + (tok.encode(instruction) if instruction else [])
+    return Prompt(head, tok.encode(document), tok.bos_prefix + tok.encode(question) if question else [], **special)
 
 
 def peak_memory(device):
@@ -111,42 +122,36 @@ class Engine:
     """Load a checkpoint once, then call `generate` as often as needed."""
 
     def __init__(self, model_dir=None, device=None, dtype=None, log=lambda msg: None):
-        self.device = resolve_device(distributed.init(device))  # under torchrun: this process's GPU
-        if model_dir is None:
-            from weights.smollm2 import ensure_default_model  # gguf and numpy only for the default model
-            model_dir = distributed.rank0_first(ensure_default_model, log)
+        self.device = resolve_device(ranks.init(device))  # under torchrun: this process's GPU
+        model_dir = ranks.rank0_first(resolve, model_dir, log)  # a model's name: fetched on first use
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.model = distributed.checked(load_model, model_dir, self.device, self.dtype)
-        self.tokenizer = Tokenizer.from_dir(model_dir)
+        hf = ranks.checked(read_hf_config, model_dir)  # config.json, read once for the model, tokenizer and methods
+        self.model = ranks.checked(load_model, model_dir, self.device, self.dtype, hf)
+        self.tokenizer = Tokenizer.from_dir(model_dir, hf)
         self.window = self.model.config.max_position_embeddings
-        self.hybrid_layout = checkpoint_layout(Path(model_dir) / "config.json")
+        try:
+            self.checkpoint_configs = checkpoint_configs(hf, self.model.config)  # {method: config} config.json gives
+        except ValueError as e:
+            raise CheckpointError(f"{Path(model_dir) / 'config.json'}: {e}")
+        # what auto may run: the method the checkpoint was trained for, else full attention or ParallelComp
+        self.auto_methods = tuple(self.checkpoint_configs)[:1] or (AUTO_FITS, AUTO_LONG)
 
     # ------------------------------------------------------------------ prompt layout
 
     def layout(self, document, question=None, instruction=None, chat=False):
-        """Token layout of [instruction + document] followed by the question block. The question
-        follows the document verbatim, as prompt templates (LongBench's) expect: put the
-        separator your format needs at its start (the command line puts a blank line)."""
-        tok = self.tokenizer
-        instruction = instruction or ""
-        special = dict(bos_id=tok.bos_id, eos_ids=tok.eos_ids)
-        if chat:
-            content = instruction + CONTEXT_MARK + (question or "")
-            before, after = tok.render_chat([{"role": "user", "content": content}]).split(CONTEXT_MARK)
-            return Prompt(tok.encode(before), tok.encode(document), tok.encode(after), **special)
-        head = tok.bos_prefix + (tok.encode(instruction) if instruction else [])
-        return Prompt(head, tok.encode(document), tok.bos_prefix + tok.encode(question) if question else [], **special)
+        """layout() in this engine's tokenizer."""
+        return layout(self.tokenizer, document, question, instruction, chat)
 
     def split_question(self, document):
-        """The last paragraph (at most QUESTION_CAP tokens) of a document given without a question:
-        (body, last paragraph)."""
-        body, _, last = document.rstrip().rpartition("\n\n")
+        """A document given without a question: (body, question), the question its last paragraph
+        with the QUESTION_SEPARATOR before it, as the command line lays out a question it is given;
+        of a last paragraph longer than QUESTION_CAP tokens, its last QUESTION_CAP tokens alone."""
+        body, separator, last = document.rstrip().rpartition(QUESTION_SEPARATOR)
         ids = self.tokenizer.encode(last)
         if len(ids) > QUESTION_CAP:
-            rest = self.tokenizer.decode(ids[:-QUESTION_CAP])
-            body = body + "\n\n" + rest if body else rest
-            last = self.tokenizer.decode(ids[-QUESTION_CAP:])
-        return body, last
+            body += separator + self.tokenizer.decode(ids[:-QUESTION_CAP])
+            return body, self.tokenizer.decode(ids[-QUESTION_CAP:])
+        return body, separator + last
 
     def fits(self, prompt, max_new_tokens):
         return len(prompt.ids()) + max_new_tokens <= self.window
@@ -154,21 +159,6 @@ class Engine:
     def no_room_for_context(self, prompt, max_new_tokens):
         """Whether the head, the question and the answer alone fill the trained window."""
         return len(prompt.head) + len(prompt.question) + max_new_tokens >= self.window
-
-    def plan(self, document, question, instruction, chat, method, max_new_tokens):
-        """(method, prompt, asked). auto: full attention when prompt and answer fit the trained
-        window, or when ParallelComp would have no room for context in it; ParallelComp otherwise.
-        A method that scores by the question and was given none asks the last paragraph."""
-        prompt, asked = self.layout(document, question, instruction, chat), bool(question)
-        split = (lambda: prompt) if asked else (lambda: self.layout(*self.split_question(document), instruction, chat))
-        if method != AUTO:
-            return method, split() if METHODS[method].needs_question else prompt, asked
-        if self.fits(prompt, max_new_tokens):
-            return "full", prompt, asked
-        ranked = split()
-        if self.no_room_for_context(ranked, max_new_tokens):
-            return "full", prompt, asked
-        return "parallelcomp", ranked, asked
 
     def check_prompt(self, prompt, asked):
         """The prompt's tokens exist in the model, and its question fits the trained window
@@ -183,45 +173,99 @@ class Engine:
             raise OptionError("question", f"{question} is longer than the model's {self.window}-token window: "
                                           f"shorten it")
 
-    # ------------------------------------------------------------------ generate
+    # ------------------------------------------------------------------ the method
 
-    def generate(self, document, question=None, *, instruction=None, method=AUTO, max_new_tokens=256,
-                 temperature=0.0, top_p=1.0, top_k=0, seed=None, chat=False, config=None, cuda_graph=True,
-                 on_text=None, on_progress=None):
-        """Answer `question` about `document` (or continue `document`), streaming text to on_text(str).
+    def method_config(self, method, config=None, overrides=None):
+        """The config `method` runs with, validated and prepared: `config`, else what the
+        checkpoint's config.json gives for it (hybrid's layout), else the method's defaults, with
+        `overrides` ({field: value}: the command line's flags) merged over it."""
+        base = config if config is not None else self.checkpoint_configs.get(method) or METHODS[method].config()
+        return METHODS[method].ready(replace(base, **(overrides or {})), self.model, self.tokenizer.encode)
 
-        method: a name in methods.METHODS or "auto"; config: that method's options (e.g.
-        ParallelCompConfig(top_k_chunks=1)), its defaults when None; under auto it applies when
-        the chosen method takes it. on_progress(chunks_done, chunks_total, context_tokens_done,
-        seconds) follows ParallelComp's prefill after each batch of chunks. Bad options raise
-        OptionError naming the parameter; Ctrl-C while decoding raises Interrupted, which carries
-        the Generation so far.
+    def given_configs(self, method, config, options):
+        """{method: config} of what was given, each checked by method_config whether it runs or
+        not: `config` for the method whose config class it is, options' overrides for each method
+        named. They must be for `method`, or under auto for a method auto may run here."""
+        runs = self.auto_methods if method == AUTO else (method,)
+        what = f"auto ({' or '.join(runs)} here)" if method == AUTO else method
+        owner = next((name for name in runs if isinstance(config, METHODS[name].config)), None)
+        if config is not None and owner is None:
+            kinds = " or ".join(METHODS[name].config.__name__ for name in runs)
+            raise OptionError("config", f"{{}} for method {what} must be a {kinds}, not {type(config).__name__}")
+        for name, overrides in options.items():
+            if name not in runs and overrides:
+                raise OptionError(next(iter(overrides)), f"{{}} is an option of method {name}, not {what}")
+        return {name: self.method_config(name, config if name == owner else None, options.get(name))
+                for name in runs if name == owner or name in options}
+
+    def plan(self, document, question=None, *, instruction=None, chat=False, method=AUTO, max_new_tokens=256,
+             config=None, options=None):
+        """What `generate` runs, decided here and nowhere else: a Plan.
+
+        The method: `method`; under auto, the method the checkpoint was trained for (config.json's
+        hybrid_attention: hybrid) whatever the prompt, else full attention when the prompt and the
+        answer fit the trained window, or when ParallelComp would have no room for context in it,
+        and ParallelComp otherwise. Its config: method_config, from `config` if it is the chosen
+        method's and the overrides options ({method: {field: value}}) give for it; every config
+        given is checked, used or not. The prompt: layout's; a method that scores by the question
+        and was given none asks the document's last paragraph (split_question).
         """
-        sampling = decode_options(max_new_tokens, temperature, top_p, top_k, distributed.common_seed(seed))
         if method != AUTO and method not in METHODS:
             raise OptionError("method", f"unknown {{}} {method!r} (choose from auto, {', '.join(METHODS)})")
         if not document.strip() and not (question or "").strip():
             raise EngineError("the prompt is empty")
-        if config is not None:
-            config.validate(self.model.config)
-        if method == AUTO and self.hybrid_layout is not None:  # a checkpoint trained for the hybrid pattern runs it
-            method = "hybrid"
-        auto = method == AUTO
-        method, prompt, asked = self.plan(document, question, instruction, chat, method, max_new_tokens)
-        if method == "hybrid" and config is None:
-            config = self.hybrid_layout
-        config = prepared(method_config(method, config, auto), self.model, self.tokenizer.encode)
-        self.check_prompt(prompt, asked)
+        given = self.given_configs(method, config, options or {})
+        prompt = self.layout(document, question, instruction, chat)
+        asked = (lambda: prompt) if question else \
+            (lambda: self.layout(*self.split_question(document), instruction, chat))
+        if method == AUTO and len(self.auto_methods) == 1:
+            method = self.auto_methods[0]
+        if method == AUTO and self.fits(prompt, max_new_tokens):
+            method = AUTO_FITS
+        elif method == AUTO:
+            ranked = asked()
+            no_room = self.no_room_for_context(ranked, max_new_tokens)
+            method, prompt = (AUTO_FITS, prompt) if no_room else (AUTO_LONG, ranked)
+        elif METHODS[method].needs_question:
+            prompt = asked()
+        config = given[method] if method in given else self.method_config(method)
+        self.check_prompt(prompt, bool(question))
+        return Plan(method, config, prompt, max_new_tokens)
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(self, document, question=None, *, instruction=None, method=AUTO, max_new_tokens=256,
+                 temperature=0.0, top_p=1.0, top_k=0, seed=None, chat=False, config=None, options=None,
+                 cuda_graph=True, on_text=None, on_progress=None):
+        """Answer `question` about `document` (or continue `document`), streaming text to on_text(str).
+
+        method: a name in methods.METHODS or "auto"; config: that method's options (e.g.
+        ParallelCompConfig(top_k_chunks=1)), what the checkpoint gives for it or its defaults when
+        None; under auto it applies when the chosen method takes it. options: {method: {field:
+        value}} merged over the chosen method's config (the command line's flags). See plan.
+        on_progress(chunks_done, chunks_total, context_tokens_done, seconds) follows the prefill
+        after each batch of chunks. Bad options raise OptionError naming the parameter; Ctrl-C
+        while decoding raises Interrupted, which carries the Generation so far.
+        """
+        sampling = decode_options(max_new_tokens, temperature, top_p, top_k, ranks.common_seed(seed))
+        plan = self.plan(document, question, instruction=instruction, chat=chat, method=method,
+                         max_new_tokens=max_new_tokens, config=config, options=options)
+        return self.run(plan, sampling, cuda_graph, on_text, on_progress)
+
+    def run(self, plan, sampling, cuda_graph=True, on_text=None, on_progress=None):
+        """Prefill and decode a Plan, drawing tokens by `sampling` (SamplingParams): see generate."""
+        prompt, budget = plan.prompt, plan.max_new_tokens
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         progress = on_progress and (lambda done, total: on_progress(
             done, total, len(prompt.context) * done // total, time.perf_counter() - start))
         with torch.inference_mode():
-            prefilled = METHODS[method].prefill(self.model, prompt, config, max_new_tokens, progress)
-            generation = distributed.decoded(prefilled, lambda: self.decode(prefilled, prompt, sampling, max_new_tokens,
-                                                                             cuda_graph, on_text, start))
-        generation.stats.update(method=method, prompt_tokens=len(prompt.ids()), peak_memory_bytes=peak_memory(self.device))
+            prefilled = METHODS[plan.method].prefill(self.model, prompt, plan.config, budget, progress)
+            generation = ranks.decoded(prefilled, lambda: self.decode(prefilled, prompt, sampling, budget,
+                                                                      cuda_graph, on_text, start))
+        generation.stats.update(method=plan.method, prompt_tokens=len(prompt.ids()),
+                                peak_memory_bytes=peak_memory(self.device))
         if generation.stats["interrupted"]:
             raise Interrupted(generation)
         return generation
@@ -236,7 +280,8 @@ class Engine:
             times.append(time.perf_counter())
             emit(streamer.push(token))
 
-        tokens, interrupted = decode(self.model, prefilled, sampling.sampler(self.device), max_new_tokens,
+        model = prefilled.model or self.model  # a method may decode on its own view of the model (yarn)
+        tokens, interrupted = decode(model, prefilled, sampling.sampler(self.device), max_new_tokens,
                                      self.tokenizer.eos_ids, cuda_graph, on_token)
         emit(streamer.flush())
         end = time.perf_counter()
@@ -260,24 +305,33 @@ REPORT_STATS = ("method", "prompt_tokens", "chunks", "kept_chunks", "kept_spans"
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line, not the usage block: --help lists the options. Under torchrun, rank 0's alone."""
-        self.exit(2, f"error: {message} (see --help)\n" if distributed.rank() == 0 else None)
+        self.exit(2, f"error: {message} (see --help)\n" if ranks.rank() == 0 else None)
 
 
 def parse_args(argv):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompt", required=True, help="text file with the document, or - for stdin")
-    p.add_argument("--question", help="question about the document (default: its last paragraph when it is long)")
-    p.add_argument("--model", help="Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct, fetched on first use)")
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--prompt", required=True, metavar="FILE",
+                   help="text file (UTF-8) with the document, or - for standard input")
+    p.add_argument("--question", metavar="TEXT",
+                   help="question about the document, asked after a blank line (default: its last paragraph when "
+                        "it is long); with it the document may be empty")
+    p.add_argument("--model", default=DEFAULT, metavar="MODEL",
+                   help="a Hugging Face checkpoint directory, or an embedded model fetched on first use: "
+                        f"{', '.join(MODELS)}")
     p.add_argument("--method", choices=(AUTO, *METHODS), default=AUTO,
-                   help="auto = full attention when the prompt fits the trained window, else parallelcomp")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+                   help="auto = the method a checkpoint was trained for (hybrid), else full attention when the "
+                        "prompt fits the trained window, else parallelcomp; a method's options apply when it runs")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                   help="the answer's budget: at most N generated tokens")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling: draw from the most likely tokens that make up P of the probability "
+                        "(1 = all)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="draw from the K most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, metavar="N", help="sampling seed, for a repeatable draw (default: random)")
+    p.add_argument("--device", metavar="DEVICE", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="default: bfloat16 on a GPU, float32 on the CPU")
+                   help="the weights' and activations' type (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on a GPU, for comparison")
     p.add_argument("--json", action="store_true",
@@ -286,14 +340,24 @@ def parse_args(argv):
                    help="no progress bar, summary or download messages (errors still print)")
     add_options(p)
     args = p.parse_args(argv)
+    runs = AUTO_CANDIDATES if args.method == AUTO else (args.method,)
     for name, options in given_options(args).items():
-        if name != chosen_method(args):
-            p.error(f"{flag_of(name, next(iter(options)))} is an option of --method {name}, not {args.method}")
+        if name not in runs:
+            p.error(f"{flag_of(next(iter(options)))} is an option of --method {name}, not {args.method}")
     return args
 
 
-def read_prompt(path):
-    """The document in file `path` (- for stdin), which must be non-empty UTF-8 text."""
+# The byte-order marks of the Unicode encodings a prompt may be saved in that are not UTF-8; UTF-32 LE's starts with
+# UTF-16 LE's, so it comes first
+UNICODE_BOMS = (("UTF-32", codecs.BOM_UTF32_LE), ("UTF-32", codecs.BOM_UTF32_BE), ("UTF-16", codecs.BOM_UTF16_LE),
+                ("UTF-16", codecs.BOM_UTF16_BE))
+
+
+def read_prompt(path, asked=False):
+    """The document in file `path` (- for stdin), which must be UTF-8 text, and not empty unless
+    a question is `asked` about it (the question alone is then the prompt, as in Engine.generate)."""
+    if not path:
+        raise EngineError("--prompt is empty: give a text file, or - for standard input")
     name = "from standard input" if path == "-" else path
     try:
         data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
@@ -303,6 +367,10 @@ def read_prompt(path):
         raise EngineError(f"the prompt {path} is a directory, not a text file")
     except OSError as e:
         raise EngineError(f"cannot read the prompt {path}: {e.strerror}")
+    encoding = next((encoding for encoding, bom in UNICODE_BOMS if data.startswith(bom)), None)
+    if encoding:
+        raise EngineError(f"the prompt {name} is {encoding} text (it starts with a {encoding} byte-order mark): "
+                          f"save it as UTF-8")
     nul = data.find(b"\0")
     if nul >= 0:
         raise EngineError(f"the prompt {name} looks like a binary file (NUL byte at byte {nul}), not text")
@@ -312,7 +380,7 @@ def read_prompt(path):
         line = data.count(b"\n", 0, e.start) + 1
         raise EngineError(f"the prompt {name} is not text: invalid UTF-8 at byte {e.start} (line {line}); "
                           f"save it as UTF-8")
-    if not text.strip():
+    if not text.strip() and not asked:
         raise EngineError(f"the prompt {name} is empty")
     return text
 
@@ -344,42 +412,50 @@ def out_of_memory(error):
     return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
 
 
-def memory_advice(gpu, method):
-    """What to lower: the answer budget, the chosen method's size options, the prompt."""
-    sizes = [flag_of(method, f) for f in ("chunk_tokens", "top_k_chunks", "kv_budget")]
-    lower = ", ".join(["--max-new-tokens"] + [f for f in sizes if f])
+def cli_flag(param):
+    """The command-line flag of a parameter of Engine.generate or of a method's config."""
+    return flag_of(param) or "--" + param.replace("_", "-")
+
+
+def memory_advice(gpu, method, given=()):
+    """What to lower: first the options bounding the method's memory (once it is known: `method`
+    may be auto) that were `given` ({field: value}), the likeliest cause; then the answer budget,
+    the method's other such options and the prompt."""
+    sizes = METHODS[method].memory_options if method in METHODS else ()
+    order = [f for f in sizes if f in given] + ["max_new_tokens"] + [f for f in sizes if f not in given]
+    lower = ", ".join(map(cli_flag, order))
     return (f"out of {'GPU ' if gpu else ''}memory: lower {lower}, or shorten the prompt; or use --dtype bfloat16"
             + (" or --device cpu" if gpu else ""))
 
 
-def cli_message(error, method):
-    """An OptionError in the command line's words: the flag for the parameter it names."""
-    flag = flag_of(method, error.param) or "--" + error.param.replace("_", "-")
-    return error.named(flag)
+def cli_message(error):
+    """An OptionError in the command line's words: the flag of each option it names."""
+    return error.named(cli_flag)
 
 
-def answer(args, log, bar):
-    """Check the options, read the prompt, load the model and generate (streaming to stdout unless --json)."""
-    options = dict(method=args.method, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+def planned(args, log):
+    """Check the options, read the prompt, load the model and plan the generation, the flags
+    merged over the checkpoint's config of the method chosen: (engine, plan, sampling)."""
     decode_options(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)  # before the model loads
-    distributed.init(args.device)  # under torchrun, rank 0 reads the prompt for all
-    document = distributed.from_rank0(read_prompt, args.prompt)
+    ranks.init(args.device)  # under torchrun, rank 0 reads the prompt for all
+    document = ranks.from_rank0(read_prompt, args.prompt, bool(args.question))
     engine = Engine(args.model, args.device, getattr(torch, args.dtype) if args.dtype else None, log)
-    config = config_from(chosen_method(args), given_options(args))
-    question = "\n\n" + args.question if args.question else None
+    sampling = decode_options(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                              ranks.common_seed(args.seed))
+    question = QUESTION_SEPARATOR + args.question if args.question else None
+    plan = engine.plan(document, question, chat=args.chat, method=args.method, max_new_tokens=args.max_new_tokens,
+                       options=given_options(args))
+    return engine, plan, sampling
+
+
+def answer(engine, plan, sampling, args, bar):
+    """Run the plan, streaming the answer to stdout unless --json."""
     stream = None if args.json else lambda text: (sys.stdout.write(text), sys.stdout.flush())
     try:
-        return engine.generate(document, question, **options, chat=args.chat, config=config,
-                               cuda_graph=not args.no_cuda_graph, on_text=stream, on_progress=bar)
+        return engine.run(plan, sampling, not args.no_cuda_graph, stream, bar)
     finally:
         if bar:
             bar.close()
-
-
-def chosen_method(args):
-    """The method whose options the command line gives: auto's long-prompt choice under auto."""
-    return "parallelcomp" if args.method == AUTO else args.method
 
 
 def report(generation, args):
@@ -402,37 +478,42 @@ def main(argv=None):
     """Exit status: 0 done, 1 a request that cannot be served (one line on stderr), 2 a malformed
     command line, 130 Ctrl-C. Under torchrun only rank 0 prints."""
     args = parse_args(argv)
-    leader = distributed.rank() == 0
+    leader = ranks.rank() == 0
     if not leader:
         args.quiet, sys.stdout = True, open(os.devnull, "w")
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     bar = ProgressBar(sys.stderr) if sys.stderr.isatty() and not args.quiet else None
+    method = args.method  # what an out-of-memory message advises on: the planned method once there is one
     try:
-        report(answer(args, log, bar), args)
+        engine, plan, sampling = planned(args, log)
+        method = plan.method
+        if ranks.world() > 1 and not METHODS[method].spans_processes:
+            log(f"note: {method} runs whole in each of the {ranks.world()} processes (only parallelcomp divides "
+                f"its work among them)")
+        report(answer(engine, plan, sampling, args, bar), args)
         return 0
     except Interrupted as e:
-        report(e.generation, args)
+        if leader:
+            report(e.generation, args)
         return 130
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if leader:
+            print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early (| head): stop, and let the exit's flush write nowhere
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OptionError as e:
-        message = cli_message(e, chosen_method(args))
+        message = cli_message(e)
     except (EngineError, CheckpointError, TokenizerError, WeightsError, RankError, MemoryShortage) as e:
         message = str(e)
     except RuntimeError as e:
         if not out_of_memory(e):
             raise
-        message = memory_advice(isinstance(e, torch.OutOfMemoryError), chosen_method(args))
+        message = memory_advice(isinstance(e, torch.OutOfMemoryError), method, given_options(args).get(method, {}))
         if not leader:  # where the ranks compute in lockstep, no other rank can report it
-            print(f"error: rank {distributed.rank()}: {message}", file=sys.stderr)
+            print(f"error: rank {ranks.rank()}: {message}", file=sys.stderr)
     if leader:
         print(f"error: {message}", file=sys.stderr)
     return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,7 +29,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from model import KVCache, attention, decode_attention
+from attention import attention, decode_attention
+from model import KVCache
 from prefill import OptionError, Prefilled, extend, option
 
 PATTERNS = ("window", "block")
@@ -54,7 +55,8 @@ def parse_layers(text):
 @dataclass(frozen=True)
 class HybridConfig:
     pattern: str = option("window", "sparse layers' attention: window (sink + recent tokens) or block "
-                          "(local + strided blocks)", parse=parse_pattern, flag="--hybrid-pattern")
+                          "(local + strided blocks)", parse=parse_pattern, flag="--hybrid-pattern",
+                          metavar="{" + ",".join(PATTERNS) + "}")
     sink_tokens: int = option(64, "window pattern: first tokens every sparse layer keeps")
     window_tokens: int = option(1984, "window pattern: most recent tokens (the query included) a sparse layer keeps")
     block_tokens: int = option(64, "block pattern: tokens per block")
@@ -73,7 +75,7 @@ class HybridConfig:
                 (self.block_tokens < 1, "block_tokens", "{} must be at least 1"),
                 (self.local_blocks < 1, "local_blocks", "{} must be at least 1"),
                 (self.vert_stride < 1, "vert_stride", "{} must be at least 1"),
-                (not 0 <= first <= last < n, "full_layers", f"{{}} must be FIRST-LAST with 0 <= FIRST <= LAST < {n}")):
+                (not 0 <= first <= last < n, "full_layers", f"{{}} must have 0 <= first <= last < {n}")):
             if bad:
                 raise OptionError(param, message)
 
@@ -83,9 +85,10 @@ class HybridConfig:
         return range(self.full_layers[0], self.full_layers[1] + 1)
 
 
-def layout_from_config(hf):
+def layout_from_config(hf, model_config):
     """config.json (a dict) -> the HybridConfig its CONFIG_KEY describes, None without one; a
-    malformed entry raises ValueError. Keys are HybridConfig's fields, full_layers a [first, last] list."""
+    malformed entry, or one that does not fit the model, raises ValueError naming the key. Keys
+    are HybridConfig's fields, full_layers a [first, last] list."""
     spec = hf.get(CONFIG_KEY)
     if spec is None:
         return None
@@ -101,7 +104,12 @@ def layout_from_config(hf):
             ok = type(value) is type(defaults[name])
         if not ok:
             raise ValueError(f"{CONFIG_KEY}.{name}: bad value {value!r}")
-    return HybridConfig(**{k: tuple(v) if k == "full_layers" else v for k, v in spec.items()})
+    config = HybridConfig(**{k: tuple(v) if k == "full_layers" else v for k, v in spec.items()})
+    try:
+        config.validate(model_config)
+    except OptionError as e:
+        raise ValueError(e.named(lambda name: f"{CONFIG_KEY}.{name}"))
+    return config
 
 
 class SparseSlots:

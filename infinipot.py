@@ -46,7 +46,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from model import KVCache, scores_f32
+from compaction import RawKeyCache
+from attention import scores_f32
 from prefill import OptionError, Prefilled, option
 
 GENERIC_CATALYST = "\n\nSummarize the critical points of the text above."
@@ -56,15 +57,15 @@ LOGIT_ROWS = 1024  # hidden rows per LM-head block when scoring NuC: memory stay
 
 @dataclass(frozen=True)
 class InfiniPotConfig:
-    pot_tokens: int | None = option(None, "M, the KV cache (pot) size in tokens; default: min(4096, what the "
-                                    "window leaves after the catalyst, question and answer)", parse=int, metavar="M")
-    pot_keep: int | None = option(None, "C, tokens kept per KV head when the pot is distilled; default M // 2",
+    pot_tokens: int | None = option(None, "M, the KV cache (pot) size in tokens (default: min(4096, what the "
+                                    "window leaves after the catalyst, question and answer))", parse=int, metavar="M")
+    pot_keep: int | None = option(None, "C, tokens kept per KV head when the pot is distilled (default: M // 2)",
                                   parse=int, metavar="C")
     nuc_ratio: float = option(0.5, "α, the share of the C kept tokens chosen by novelty (NuC), the rest by "
                                    "the catalyst's attention (CaP)", metavar="ALPHA")
     catalyst: str | tuple[int, ...] = option("generic", "the catalyst prompt: generic (a summarise-the-text prompt), "
                                               "question (the user's question) or literal TEXT",
-                                   metavar="generic|question|TEXT")
+                                   metavar="TEXT")
 
     def validate(self, model_config):
         window = model_config.max_position_embeddings
@@ -73,7 +74,7 @@ class InfiniPotConfig:
         if self.pot_keep is not None and self.pot_keep < 1:
             raise OptionError("pot_keep", "{} must be at least 1")
         if None not in (self.pot_tokens, self.pot_keep) and self.pot_keep >= self.pot_tokens:
-            raise OptionError("pot_keep", f"{{}} must be below pot_tokens ({self.pot_tokens})")
+            raise OptionError("pot_keep", f"{{}} must be below {{}} ({self.pot_tokens})", "pot_tokens")
         if not 0 <= self.nuc_ratio <= 1:
             raise OptionError("nuc_ratio", "{} must be between 0 and 1")
         if not self.catalyst:
@@ -103,14 +104,14 @@ def pot_sizes(config, window, catalyst_len, question_len, answer_budget):
     """(M, C, T, room): pot, kept and NuC-kept tokens, and the slots needed after a full pot."""
     room = max(catalyst_len, question_len + answer_budget)
     M = config.pot_tokens or min(DEFAULT_POT, window - room)
-    need = f"max(catalyst {catalyst_len}, question {question_len} + answer {answer_budget}) tokens"
+    need = f"max(catalyst {catalyst_len}, question {question_len} + {{}} {answer_budget}) tokens"
     if config.pot_tokens is None and M < 2:
-        raise OptionError("pot_tokens", f"{need} leave no room for {{}} in the {window}-token window")
+        raise OptionError("max_new_tokens", f"{need} leave no room for the pot in the {window}-token window")
     if M + room > window:
-        raise OptionError("pot_tokens", f"{{}} ({M}) + {need} must fit the {window}-token window")
+        raise OptionError("pot_tokens", f"{{}} ({M}) + {need} must fit the {window}-token window", "max_new_tokens")
     C = config.pot_keep or M // 2
     if C >= M:
-        raise OptionError("pot_keep", f"{{}} ({C}) must be below pot_tokens ({M})")
+        raise OptionError("pot_keep", f"{{}} ({C}) must be below {{}} ({M})", "pot_tokens")
     return M, C, round(config.nuc_ratio * C), room
 
 
@@ -182,7 +183,7 @@ def distil(model, cache, nll, catalyst, C, T):
     """Distil the full pot (nll (L, H_kv, n): its entries' NuC) to C entries per layer and KV
     head at slots and positions 0..C-1 (CR-RoPE); nll[..., :C] follows. Returns the kept slots."""
     keep = select(nll, cap_scores(model, cache, catalyst, nll.shape[-1]), C, T)
-    cache.compact(keep, model.inv_freq)
+    cache.compact(keep, model.rope)
     nll[..., :C] = nll.gather(-1, keep)
     return keep
 
@@ -194,7 +195,7 @@ def fill_sizes(n, M, C):
     is shorter (C + 1..M tokens) so that the last is whole: the final pot always ends with the
     M - C most recent tokens."""
     if n <= M:
-        return [n]
+        return [n] if n else []
     first = M - (M - n) % (M - C)
     return [first] + [M - C] * ((n - first) // (M - C))
 
@@ -210,9 +211,9 @@ def prefill(model, prompt, config, answer_budget, on_progress=None):
     config.validate(c)
     catalyst = catalyst_ids(config, prompt)
     M, C, T, room = pot_sizes(config, c.max_position_embeddings, len(catalyst), len(prompt.question), answer_budget)
-    cache = KVCache(c, 1, M + room, device, model.dtype, raw_keys=True)
+    cache = RawKeyCache(c, 1, M + room, device, model.dtype)
     nll = torch.empty(c.n_layers, c.n_kv_heads, M, device=device)  # NuC of the pot's entries
-    stream = torch.tensor(prompt.head + prompt.context, device=device)
+    stream = torch.tensor(prompt.head + prompt.context, device=device, dtype=torch.long)  # long even when empty
     catalyst = torch.tensor(catalyst, device=device)
     sizes = fill_sizes(len(stream), M, C)
     n = done = 0
@@ -234,6 +235,6 @@ def prefill(model, prompt, config, answer_budget, on_progress=None):
         last_logits = model.logits(hidden[0, -1])
         forwards.append([len(q), n + len(q)])
     cache.k_raw = None  # no distillation after the prompt: decoding needs only k and v
-    stats = dict(distillations=len(sizes) - 1, pot_tokens=M, pot_keep=C, catalyst_tokens=len(catalyst),
+    stats = dict(distillations=len(sizes[1:]), pot_tokens=M, pot_keep=C, catalyst_tokens=len(catalyst),
                  evicted_tokens=len(stream) - n, forwards=forwards, scored_tokens=len(stream) + bool(q))
     return Prefilled(cache, last_logits, n + len(q), stats)

@@ -17,6 +17,9 @@ ranking term (`retention_loss`).
 
 Deviations from the original code, all deliberate:
 - B, S and n_s default to values scaled to the model's trained window (`LocretConfig.settings`);
+  the default B also leaves the prompt's tail and the answer room in the window, and a B given
+  under which they would pass it is refused: positions stay inside the trained window (the
+  original's B is fixed, far below its 128K window);
 - the uncompressed tail grows to the whole question when that is longer than LOCAL_TOKENS (the
   original always takes its local_len = 100 last tokens, evicting the start of a long question);
 - head scores are kept in float32 (the original keeps them in the model's dtype, bf16), and a tie
@@ -31,7 +34,6 @@ Deviations from the original code, all deliberate:
 """
 
 import copy
-import pickle
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,11 +41,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from checkpoint import CheckpointError
-from model import KVCache, attention, scores_f32
+from compaction import RawKeyCache
+from attention import attention, scores_f32
 from prefill import OptionError, Prefilled, extend, option
 
 LOCAL_TOKENS = 100  # the uncompressed tail at least (Locret's local_len)
@@ -111,8 +113,9 @@ def read_tensors(path):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path} not found")
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
-        raise CheckpointError(f"{path}: not a readable heads file ({str(e).splitlines()[0]})")
+    except Exception as e:  # on other bytes torch.load's unpickler raises whatever they cause (KeyError, ...)
+        reason = type(e).__name__ + "".join(f": {line}" for line in str(e).strip().splitlines()[:1])
+        raise CheckpointError(f"{path}: not a readable heads file ({reason})")
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(f"{path}: not a dictionary of tensors")
     return state
@@ -158,25 +161,28 @@ def load_heads(path, model_config):
 @dataclass(frozen=True)
 class LocretConfig:
     budget: int | None = option(
-        None, "cache entries each layer and KV head keeps between chunks (B); default: half the "
-        "trained window, at most 16384", parse=int)
+        None, "B, the cache entries each layer and KV head keeps between chunks (default: half the "
+        "trained window, at most 16384, and at most what the prompt's tail and the answer leave)", parse=int,
+        metavar="B")
     locret_chunk: int | None = option(
-        None, "prompt tokens prefilled per chunk (S); default: an eighth of the trained window, "
-        "at most 1024", parse=int)
+        None, "S, the prompt tokens prefilled per chunk (default: an eighth of the trained window, "
+        "at most 1024)", parse=int, metavar="S")
     stabilizers: int | None = option(
-        None, "most recent tokens always kept while chunks remain (n_s); default: 5/32 of the budget",
+        None, "n_s, the most recent tokens always kept while chunks remain (default: 5/32 of B)",
         parse=int)
     # A path, or heads already loaded by `with_heads` (an engine loads them once, not per prompt).
     retaining_heads: "str | RetainingHeads | None" = option(
-        None, "retaining heads (.safetensors, or Locret's .bin); default: the shipped heads of "
-        "SmolLM2-135M", parse=str, metavar="PATH")
+        None, "retaining heads, .safetensors or Locret's .bin (default: the shipped heads of "
+        "SmolLM2-135M)", parse=str, metavar="FILE")
 
-    def settings(self, model_config):
+    def settings(self, model_config, after=0):
         """(B, S, n_s), defaults scaled to the trained window from Locret's Llama-3.1-8B runs
         (128K window: B = 16384, S = 1024, n_s = 2500): B half the window up to 16384, S an eighth
-        up to 1024, n_s 5/32 of B. SmolLM2 (8K): 4096, 1024, 640; stories260K (512): 256, 64, 40."""
+        up to 1024, n_s 5/32 of B. SmolLM2 (8K): 4096, 1024, 640; stories260K (512): 256, 64, 40.
+        after: the tokens whose positions follow the kept entries (the prompt's tail and the
+        answer); the default B leaves them room in the window: positions stay inside it."""
         window = model_config.max_position_embeddings
-        budget = min(window // 2, 16384) if self.budget is None else self.budget
+        budget = min(window // 2, 16384, window - after) if self.budget is None else self.budget
         chunk = min(window // 8, 1024) if self.locret_chunk is None else self.locret_chunk
         stabilizers = budget * 5 // 32 if self.stabilizers is None else self.stabilizers
         return budget, chunk, stabilizers
@@ -192,10 +198,10 @@ class LocretConfig:
         if chunk < 1:
             raise OptionError("locret_chunk", "{} must be at least 1")
         if not 0 <= stabilizers < budget:
-            raise OptionError("stabilizers", f"{{}} must be at least 0 and below the budget ({budget})")
+            raise OptionError("stabilizers", f"{{}} must be at least 0 and below {{}} ({budget})", "budget")
         if budget + chunk > window:
-            raise OptionError("budget", f"{{}} plus locret_chunk ({budget} + {chunk}) must fit in the "
-                                        f"model's {window}-token window")
+            raise OptionError("budget", f"{{}} plus {{}} ({budget} + {chunk}) must fit in the model's {window}-token "
+                                        "window", "locret_chunk")
         if self.retaining_heads is None and not ships_heads(model_config):
             raise OptionError("retaining_heads", NO_HEADS)
 
@@ -218,13 +224,13 @@ def with_heads(config, model):
 # ---------------------------------------------------------------------------- prefill
 
 class RetainedCache:
-    """The context as Locret keeps it: in every layer and KV head, the first n entries of a KVCache
+    """The context as Locret keeps it: in every layer and KV head, the first n entries of a RawKeyCache
     are the kept tokens in prompt order at positions 0..n-1, with their scores and prompt indices."""
 
     def __init__(self, model, heads, capacity, room):
         c = model.config
         self.model, self.heads = model, heads
-        self.kv = KVCache(c, 1, capacity + room, model.device, model.dtype, raw_keys=True)
+        self.kv = RawKeyCache(c, 1, capacity + room, model.device, model.dtype)
         self.score = torch.zeros(c.n_layers, c.n_kv_heads, capacity, device=model.device)  # float32
         self.origin = torch.zeros_like(self.score, dtype=torch.long)  # index in the prompt
         self.n = self.seen = 0  # entries kept; prompt tokens prefilled
@@ -251,11 +257,25 @@ class RetainedCache:
         score = self.score[..., :self.n].clone()
         score[..., self.n - stabilizers:self.n] = float("inf")
         keep = score.argsort(dim=-1, stable=True)[..., self.n - budget:].sort(dim=-1).values  # (L, H_kv, B)
-        self.kv.compact(keep, self.model.inv_freq)
+        self.kv.compact(keep, self.model.rope)
         self.score[..., :budget] = self.score.gather(-1, keep)
         self.origin[..., :budget] = self.origin.gather(-1, keep)
         self.n = budget
         return True
+
+
+def check_room(config, model_config, stream, tail, answer_budget):
+    """That the `tail` tokens and the answer, after the entries kept of `stream` tokens, stay at
+    positions inside the trained window."""
+    window = model_config.max_position_embeddings
+    room = window - tail - answer_budget  # positions left for the kept entries
+    budget = config.settings(model_config, tail + answer_budget)[0]
+    if room < (1 if stream else 0):
+        raise OptionError("max_new_tokens", f"the prompt's last {tail} tokens and {{}} ({answer_budget}) leave no room "
+                                            f"for a cache in the model's {window}-token window")
+    if min(budget, stream) > room:
+        raise OptionError("budget", f"{{}} ({budget}) + the prompt's last {tail} tokens + {{}} ({answer_budget}) must "
+                                    f"fit in the model's {window}-token window", "max_new_tokens")
 
 
 def tail_length(prompt):
@@ -268,7 +288,7 @@ def tail_length(prompt):
 def retain(model, heads, stream, config, room, on_progress=None):
     """The stream prefilled in chunks with eviction: (RetainedCache with `room` slots to spare,
     forwards, compressions)."""
-    budget, chunk, stabilizers = config.settings(model.config)
+    budget, chunk, stabilizers = config.settings(model.config, room)
     cache = RetainedCache(model, heads, min(len(stream), budget + chunk), room)
     starts = range(0, len(stream), chunk)
     forwards, compressions = [], 0
@@ -289,9 +309,10 @@ def prefill(model, prompt, config, answer_budget, on_progress=None):
     scored_tokens: compressions (evictions that removed entries), evicted_tokens and kept_tokens
     (per layer and KV head), head_flops (the retaining heads' multiply-adds x 2).
     """
-    heads = with_heads(config, model).retaining_heads
     ids, n_tail = prompt.ids(), tail_length(prompt)
     stream, tail = ids[:len(ids) - n_tail], ids[len(ids) - n_tail:]
+    check_room(config, model.config, len(stream), n_tail, answer_budget)
+    heads = with_heads(config, model).retaining_heads
     cache, forwards, compressions = retain(model, heads, stream, config, n_tail + answer_budget, on_progress)
     n = cache.n
     logits = extend(model, cache.kv, tail, n)

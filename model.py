@@ -1,4 +1,5 @@
-"""The Llama decoder: config, RoPE, attention and the KV cache (checkpoint.py loads weights into it).
+"""The Llama decoder and its KV cache (checkpoint.py loads weights into it; rope.py and attention.py
+hold RoPE and the attention backends it calls).
 
 Every forward takes explicit positions (ParallelComp restarts them in each chunk) and an
 `attend(layer, q, k, v)` function that decides where keys and values go and what each query
@@ -6,19 +7,16 @@ sees: a static KV cache for plain prefill and decoding, chunk caches and the que
 parallelcomp.py. Keys reach `attend` already rotated, so a cached key keeps its position.
 """
 
-import math
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
-try:
-    from flash_attn.cute import flash_attn_func  # flash-attn-4 (CuTe DSL): Hopper and Blackwell
-except ImportError:
-    flash_attn_func = None
+from attention import attention, decode_attention, matmul_f32
+from rope import apply_rope, dynamic_ntk_frequencies, rope_frequencies, rope_temperature
+
 try:
     import llama_triton as kernels  # Triton kernels for CUDA tensors; the PyTorch code here otherwise
 except ImportError:
@@ -27,12 +25,6 @@ if getattr(kernels, "KERNELS_FOR", None) != "model.py":  # a module of that name
     kernels = None
 
 CACHE_ALIGN = 256  # KV cache capacity granularity, in tokens
-LSE_BLOCK = 2 ** 28  # attention_lse: attention scores computed at once (1 GiB in float32)
-# On H100/H200 with torch 2.11, cuDNN attention ran causal prefill about 2x faster than
-# PyTorch's flash backend; SDPA skips backends that cannot take the inputs.
-PREFILL_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-HALF = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -58,180 +50,6 @@ class ModelConfig:
         return s.get("rope_type", s.get("type", "default"))
 
 
-# ---------------------------------------------------------------------------- RoPE
-
-def rope_frequencies(config):
-    """Inverse frequencies (head_dim/2,) in float64, with linear or Llama-3.1 scaling applied.
-
-    Angles (position * frequency) are formed in float64: in float32, the frequency's rounding
-    (2^-24 relative) and the product's (an ulp is 0.03 rad just below 2^19) each move an angle
-    at position 5e5 by up to 0.016-0.03 rad, and rotated vectors came out 3e-3 off there."""
-    d = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    s = config.rope_scaling or {}
-    if config.rope_type == "linear":
-        inv_freq = inv_freq / s["factor"]
-    elif config.rope_type == "llama3":
-        # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
-        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        old_window = s["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        blend = ((old_window / wavelen - low) / (high - low)).clamp(0, 1)
-        inv_freq = (1 - blend) * inv_freq / factor + blend * inv_freq
-    return inv_freq
-
-
-def dynamic_ntk_frequencies(config, inv_freq, positions):
-    """Dynamic NTK scaling: the base grows with the longest position in this forward, as in
-    Hugging Face, computed on the device so that a captured decode step stays valid."""
-    d, window, factor = config.head_dim, config.max_position_embeddings, config.rope_scaling["factor"]
-    seq_len = (positions.max() + 1).clamp(min=window).float()
-    base = config.rope_theta * (factor * seq_len / window - (factor - 1)) ** (d / (d - 2))
-    exponents = torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d
-    return base ** -exponents
-
-
-def gpu_kernels(x, head_dim=16, params=()):
-    """Whether the Triton kernels serve this tensor (and, for attention, this head size). They have
-    no backward: where autograd records (x or one of `params` needs a gradient), PyTorch serves."""
-    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
-    return kernels is not None and x.is_cuda and kernels.supports(head_dim) and not recorded
-
-
-def fused_decode(x, observe, head_dim):
-    """Whether a forward of x (B, T, dim) runs as model.py's six-kernel decode layers: one token on
-    a GPU, autograd off, and no `observe` (it sees q/k/v before RoPE, which these kernels fuse)."""
-    return observe is None and x.shape[0] * x.shape[1] == 1 and not torch.is_grad_enabled() and \
-        gpu_kernels(x, head_dim)
-
-
-def argmax(x):
-    """Index of the largest value of each row of x (B, V) float32 -> (B,) int64, the first of equal ones."""
-    return kernels.argmax(x.contiguous()) if gpu_kernels(x) else x.argmax(-1)
-
-
-def apply_rope(x, cos, sin):
-    """Rotate the half-split pairs (i, i + D/2) of x (B, H, T, D) by angles given as cos/sin (B, 1, T, D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
-# ---------------------------------------------------------------------------- attention
-
-def attention(q, k, v, mask=None):
-    """Softmax attention with GQA. q (B, H, Tq, D); k, v (B, H_kv, Tk, D) -> (B, H, Tq, D).
-
-    mask: bool (B|1, H|1, Tq, Tk), True = may attend; None = causal aligned to the bottom
-    right (query i is the key at Tk - Tq + i), which is what prefill after a cache needs.
-    """
-    if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    if flash_attn_func is not None and q.is_cuda and q.dtype in HALF:
-        out, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        return out.transpose(1, 2)
-    if q.shape[2] == k.shape[2]:
-        with sdpa_kernel(PREFILL_BACKENDS, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    if q.is_cuda and not cudnn_takes(q):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
-                                              enable_gqa=True)
-    return causal_after_cache(q, k, v)
-
-
-def cudnn_takes(q):
-    """Whether cuDNN's attention takes these queries: 16-bit, head size a multiple of 8 up to 128."""
-    D = q.shape[-1]
-    return q.dtype in HALF and D % 8 == 0 and D <= 128
-
-
-def causal_after_cache(q, k, v):
-    """Bottom-right causal attention as two fast unmasked/top-left causal calls merged by their
-    log-sum-exp: the Tk - Tq keys before the queries, all visible, and the queries' own keys,
-    causal. PyTorch's SDPA serves a bottom-right mask only with its flash kernel ([H200] 346
-    TFLOP/s for an 8K piece after a 120K cache, against 592 for these two cuDNN calls)."""
-    before = k.shape[2] - q.shape[2]
-    parts = [attention_with_lse(q, k[:, :, :before], v[:, :, :before], causal=False),
-             attention_with_lse(q, k[:, :, before:], v[:, :, before:], causal=True)]
-    outs, lses = (torch.stack(x) for x in zip(*parts))
-    return merge_lse(outs.float(), lses).to(q.dtype)
-
-
-def attention_with_lse(q, k, v, causal):
-    """(out (B, H, Tq, D), lse (B, H, Tq) float32) of SDPA's flash kernels: cuDNN's on a GPU,
-    which takes GQA as it is; the CPU's, which needs every query head's keys."""
-    if q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, is_causal=causal)[:2]
-    else:
-        G = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal)
-    return out, lse.reshape(q.shape[:3]).float()
-
-
-def matmul_f32(a, b):
-    """a (N, M, K) @ b (N, K, P) -> float32 (N, M, P). On a GPU 16-bit inputs are multiplied with
-    float32 output, not rounded to 16 bits first (logits and attention scores need the digits)."""
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return (a @ b).float()
-
-
-def scores_f32(q, k):
-    """q (B, H_kv, G, D) @ k (B, H_kv, S, D)ᵀ -> (B, H_kv, G, S) in float32, scaled by 1/sqrt(D)."""
-    B, Hkv, G, D = q.shape
-    s = matmul_f32(q.reshape(B * Hkv, G, D), k.reshape(B * Hkv, -1, D).transpose(1, 2))
-    return s.view(B, Hkv, G, -1) * D ** -0.5
-
-
-def attention_lse(q, k, v, visible=None):
-    """Softmax attention with GQA by the plain matmul form, in float32, with the log-sum-exp of
-    each row's scores: attention over disjoint sets of keys merges exactly from (out, lse).
-
-    q (B, H, Tq, D); k, v (B, H_kv, Tk, D); visible: bool (B|1, H_kv|1, Tq|1, Tk), True = may
-    attend (per KV head, as caches hold keys), None = every key. Returns out (B, H, Tq, D) and
-    lse (B, H, Tq) in float32; a row that sees no key has out 0 and lse -inf. Query rows go in
-    blocks of at most LSE_BLOCK scores.
-    """
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    if Tk == 0:
-        return q.new_zeros(q.shape, dtype=torch.float32), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
-    G = H // Hkv
-    rows = max(1, LSE_BLOCK // (H * Tk))
-    outs, lses = [], []
-    for a in range(0, Tq, rows):
-        T = min(rows, Tq - a)
-        s = scores_f32(q[:, :, a:a + T].reshape(B, Hkv, G * T, D), k).view(B, Hkv, G, T, Tk)
-        if visible is not None:
-            rows_visible = visible if visible.shape[2] == 1 else visible[:, :, a:a + T]
-            s = s.masked_fill(~rows_visible[:, :, None], float("-inf"))
-        lse = s.logsumexp(-1)  # (B, H_kv, G, T)
-        p = (s - lse.masked_fill(lse == float("-inf"), 0)[..., None]).exp()  # rows seeing nothing: 0, not NaN
-        o = matmul_f32(p.view(B * Hkv, G * T, Tk).to(v.dtype), v.reshape(B * Hkv, Tk, D))
-        outs.append(o.view(B, H, T, D))
-        lses.append(lse.view(B, H, T))
-    return torch.cat(outs, 2), torch.cat(lses, 2)
-
-
-def merge_lse(outs, lses):
-    """Attention over the union of disjoint key sets from each set's (out, lse): outs (W, ..., D),
-    lses (W, ...) -> (..., D)."""
-    return ((lses - lses.logsumexp(0)).exp()[..., None] * outs).sum(0)
-
-
-def decode_attention(q, k, v, visible):
-    """One query token per sequence against a static cache, with no host sync (graph-safe).
-
-    q (B, H, 1, D); k, v (B, H_kv, S_max, D); visible: bool (S_max,), True for the live slots.
-    The plain matmul form reads the cache once at near copy bandwidth; SDPA with a mask does not.
-    """
-    B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    s = scores_f32(q.view(B, Hkv, H // Hkv, D), k)  # a KV head's query group as rows
-    s = s.masked_fill(~visible, float("-inf"))
-    return (s.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)
-
-
 class KVCache:
     """Per-generation static cache, GQA-native: k, v (L, B, H_kv, capacity, D).
 
@@ -239,19 +57,28 @@ class KVCache:
     only after ParallelComp's attention calibration. The capacity is rounded up to a multiple of
     CACHE_ALIGN: rows of attention probabilities whose length is not a multiple of 8 push
     cuBLAS off its tensor-core kernels ([H200] 2-3x slower decode).
+
+    The contract of every cache the decode loop (decoding.py) continues from (hybrid.HybridCache
+    and distributed.ShardedCache keep it too): `k`, a tensor on the cache's device; `lens`, the
+    live entries on the device; `graph_safe`, whether decode_attend may be captured in a CUDA graph
+    (no host sync, no collective); decode_attend(layer, q, k, v), the `attend` of one new token per
+    sequence after the live entries; and, where graph_safe, decode_state(), the tensors a decode
+    step changes that are live before it, which a graph's warm-up restores. prefill.extend also
+    asks for append_attend(layer, q, k, v), tokens after each layer's live entries.
     """
 
-    graph_safe = True  # decode_attend may be captured in a CUDA graph
+    graph_safe = True
 
-    def __init__(self, config, batch, capacity, device, dtype, raw_keys=False):
+    def __init__(self, config, batch, capacity, device, dtype):
         capacity = -(-capacity // CACHE_ALIGN) * CACHE_ALIGN
         shape = (config.n_layers, batch, config.n_kv_heads, capacity, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.k_raw = torch.zeros(shape, device=device, dtype=dtype) if raw_keys else None  # keys before RoPE
         self.lens = torch.zeros(config.n_layers, device=device, dtype=torch.long)
         self.capacity = capacity
-        self.kv_split = (config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim)
+        # decode steps run in inference, where only the device and the head size decide
+        fits = kernels is not None and self.k.is_cuda and kernels.supports(config.head_dim)
+        self.kernels = kernels if fits else None
 
     def prefill_attend(self, start):
         """An `attend` for tokens that follow `start` cached ones: write them, attend causally."""
@@ -268,35 +95,14 @@ class KVCache:
         self.lens[layer] = end
         return attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end])
 
-    def store_raw_keys(self, start):
-        """An `observe` for tokens written from slot `start` on: keeps their keys before RoPE."""
-        def observe(layer, qkv):
-            B, T, _ = qkv.shape
-            q_size, kv_size = self.kv_split
-            k = qkv[..., q_size:q_size + kv_size].view(B, T, self.k.shape[2], -1).transpose(1, 2)
-            self.k_raw[layer, :, :, start:start + T] = k
-        return observe
-
-    def compact(self, keep, inv_freq):
-        """Keep, in each layer and KV head, the sorted slots keep (L, H_kv, n), moved to slots
-        0..n-1 with RoPE positions 0..n-1 (batch 1). Cached keys are rotated anew from the raw
-        ones, so a key stays exact through any number of compactions."""
-        n = keep.shape[-1]
-        index = keep[:, None, :, :, None].expand(-1, 1, -1, -1, self.k.shape[-1])
-        self.v[:, :, :, :n] = self.v.gather(3, index)
-        self.k_raw[:, :, :, :n] = self.k_raw.gather(3, index)
-        angles = torch.arange(n, device=keep.device)[:, None].double() * inv_freq  # (n, D/2)
-        self.k[:, :, :, :n] = apply_rope(self.k_raw[:, :, :, :n], angles.cos().float(), angles.sin().float())
-        self.lens.fill_(n)
-
     def decode_state(self):
         """What a decode step changes that is live before it: what a CUDA-graph warm-up must restore."""
         return (self.lens,)
 
     def decode_attend(self, layer, q, k, v):
         """An `attend` for one new token per sequence, written at lens[layer] (graph-safe)."""
-        if gpu_kernels(q, q.shape[-1]):
-            return kernels.decode_attend(q, k, v, self.k[layer], self.v[layer], self.lens[layer])
+        if self.kernels is not None:
+            return self.kernels.decode_attend(q, k, v, self.k[layer], self.v[layer], self.lens[layer])
         at = self.lens[layer:layer + 1]
         self.k[layer].index_copy_(2, at, k)
         self.v[layer].index_copy_(2, at, v)
@@ -313,13 +119,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x, delta=None):
+    def forward(self, x, delta=None, fast=None):
         """x (..., dim), the float32 residual stream -> normalised, in the weights' dtype.
 
         delta: the output of the sublayer before, added to x in place first (one kernel on a GPU).
+        fast: the Triton kernels when they serve this forward (Llama.kernels_for), else None.
         """
-        if gpu_kernels(x, params=(self.weight, delta)):
-            return kernels.rms_norm(x, self.weight, self.eps, delta)
+        if fast is not None:
+            return fast.rms_norm(x, self.weight, self.eps, delta)
         if delta is not None:
             x += delta
         if torch.is_grad_enabled() and x.requires_grad:
@@ -337,15 +144,15 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, q_size + 2 * kv_size, bias=config.attention_bias)
         self.wo = nn.Linear(q_size, config.dim, bias=config.output_bias)
 
-    def forward(self, x, cos, sin, attend, observe):
+    def forward(self, x, cos, sin, attend, observe, fast):
         B, T, _ = x.shape
         qkv = self.wqkv(x)
         if observe is not None:
             observe(qkv)
         q, k, v = qkv.split(self.split, dim=-1)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        if gpu_kernels(qkv, self.head_dim):
-            q, k = kernels.rotary(qkv, cos, sin, self.n_heads, self.n_kv_heads, self.head_dim)
+        if fast is not None and fast.supports(self.head_dim):
+            q, k = fast.rotary(qkv, cos, sin, self.n_heads, self.n_kv_heads, self.head_dim)
         else:
             q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, H, T, D)
             k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
@@ -359,10 +166,10 @@ class MLP(nn.Module):
         self.w_gate_up = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
         self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, fast):
         gate_up = self.w_gate_up(x)
-        if gpu_kernels(gate_up):
-            return self.w_down(kernels.silu_mul(gate_up))
+        if fast is not None:
+            return self.w_down(fast.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.w_down(F.silu(gate) * up)
 
@@ -375,15 +182,15 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, delta, cos, sin, attend, observe):
+    def forward(self, x, delta, cos, sin, attend, observe, fast):
         """Adds `delta`, the block before's output, to the residual stream x in place; returns
         this block's MLP output, which the next norm adds in turn."""
-        h = self.attn_norm(x, delta)
-        h = self.mlp_norm(x, self.attn(h, cos, sin, attend, observe))
-        return self.mlp(h)
+        h = self.attn_norm(x, delta, fast)
+        h = self.mlp_norm(x, self.attn(h, cos, sin, attend, observe, fast), fast)
+        return self.mlp(h, fast)
 
     def decode_step(self, x, cos, sin, attend):
-        """One token on a GPU (see fused_decode) in six kernels; x (1, 1, dim) gains both sublayers in place."""
+        """One token on a GPU (see Llama.forward) in six kernels; x (1, 1, dim) gains both sublayers in place."""
         a, mlp, D = self.attn, self.mlp, self.attn.head_dim
         qkv = kernels.norm_rotary_gemv(x, self.attn_norm.weight, self.attn_norm.eps, a.wqkv.weight, a.wqkv.bias,
                                        cos.view(-1), sin.view(-1), a.n_heads + a.n_kv_heads, D)
@@ -403,6 +210,30 @@ class Llama(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        self.rope_temperature = rope_temperature(config)
+
+    def rope(self, positions, temperature=True):
+        """cos, sin (B, 1, T, D/2) float32 of RoPE at positions (B, T): every rotation of q and k
+        takes them from here. The angles are formed in float64 (rope_frequencies says why), and
+        YaRN's temperature scales both unless temperature=False, for keys that already carry it
+        and are only turned by a relative angle (baselines.shift_back)."""
+        inv_freq = self.inv_freq
+        if self.config.rope_type == "dynamic":
+            inv_freq = dynamic_ntk_frequencies(self.config, inv_freq, positions)
+        angles = positions[:, None, :, None].double() * inv_freq  # (B, 1, T, D/2)
+        scale = self.rope_temperature if temperature else 1.0
+        return (angles.cos() * scale).float(), (angles.sin() * scale).float()
+
+    def with_rope_scaling(self, rope_scaling, max_position_embeddings):
+        """This model under another RoPE scaling and window (YaRN on a checkpoint trained without
+        it, baselines.prefill_yarn): a Llama sharing every module, so every parameter, with its own
+        config, frequencies and temperature. Nothing is copied."""
+        view = copy.copy(self)
+        view._buffers = dict(self._buffers)  # its own inv_freq; _modules, and with them the weights, shared
+        view.config = replace(self.config, rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings)
+        view.inv_freq = rope_frequencies(view.config).to(self.device)
+        view.rope_temperature = rope_temperature(view.config)
+        return view
 
     def forward(self, tokens, positions, attend, observe=None):
         """tokens, positions (B, T) -> final-norm hidden states (B, T, dim).
@@ -411,21 +242,28 @@ class Llama(nn.Module):
         observe(layer, qkv), when given, sees each layer's fused projection (B, T, (H + 2 H_kv) D)
         before RoPE: the raw keys that a compacted cache re-rotates, what trained scorers read.
         """
-        inv_freq = self.inv_freq
-        if self.config.rope_type == "dynamic":
-            inv_freq = dynamic_ntk_frequencies(self.config, inv_freq, positions)
-        angles = positions[:, None, :, None].double() * inv_freq  # (B, 1, T, D/2)
-        cos, sin = angles.cos().float(), angles.sin().float()
+        cos, sin = self.rope(positions)
         x = self.embed(tokens).float()  # the residual stream stays in float32 whatever the weights' dtype
-        if fused_decode(x, observe, self.config.head_dim):
+        fast = self.kernels_for(x)
+        # one token in six kernels a layer; not with `observe`, which sees q/k/v before RoPE, which they fuse
+        if fast is not None and fast.supports(self.config.head_dim) and x.shape[0] * x.shape[1] == 1 \
+                and observe is None and not torch.is_grad_enabled():
             for i, layer in enumerate(self.layers):
                 layer.decode_step(x, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v))
-            return self.norm(x)
+            return self.norm(x, fast=fast)
         delta = None
         for i, layer in enumerate(self.layers):
             delta = layer(x, delta, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v),
-                          observe and (lambda qkv, i=i: observe(i, qkv)))
-        return self.norm(x, delta)
+                          observe and (lambda qkv, i=i: observe(i, qkv)), fast)
+        return self.norm(x, delta, fast)
+
+    def kernels_for(self, x):
+        """The Triton kernels when they serve a forward of x, else None (PyTorch serves): a CUDA
+        tensor, and autograd not recording, since they have no backward. Decided once per forward."""
+        if kernels is None or not x.is_cuda:
+            return None
+        recorded = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        return None if recorded else kernels
 
     @property
     def device(self):
@@ -439,21 +277,6 @@ class Llama(nn.Module):
         """Logits (B, T, vocab) in float32 of plain causal attention at positions 0..T-1, no cache."""
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         return self.logits(self(tokens, positions, lambda layer, q, k, v: attention(q, k, v)))
-
-    def kv_bytes_per_token(self):
-        """Memory a cached token takes: its K and V in every layer."""
-        c = self.config
-        return 2 * c.n_layers * c.n_kv_heads * c.head_dim * self.embed.weight.element_size()
-
-    def activation_bytes_per_token(self):
-        """Memory a token's activations take in one layer while it is encoded (RoPE in float32)."""
-        c, b = self.config, self.embed.weight.element_size()
-        qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
-        return b * (6 * c.dim + 3 * qkv + 4 * c.ffn_dim) + 8 * qkv
-
-    def prefill_bytes_per_token(self):
-        """Memory a prefilled token takes: its K/V in every layer, plus its activations while encoded."""
-        return self.kv_bytes_per_token() + self.activation_bytes_per_token()
 
     def logits(self, hidden):
         """(..., dim) -> float32 (..., vocab): call it only where a token is sampled or scored."""

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import KVCache, attention, scores_f32
-from prefill import OptionError, Prefilled, free_memory, option
+from attention import attention, scores_f32
+from model import KVCache
+from prefill import OptionError, Prefilled, free_memory, option, prefill_bytes_per_token
 
 OBSERVATION_WINDOW = 8  # last question tokens whose attention scores a chunk's tokens (KV eviction)
 POOL_KERNEL = 7  # KV eviction max-pools scores over neighbours so kept tokens come in runs
@@ -67,15 +68,16 @@ def kv_placement(text):
 class ParallelCompConfig:
     chunk_tokens: int | None = option(None, "context tokens per chunk (default: what the trained window leaves "
                                       "after the head, the question and the answer)", parse=int)
-    top_k_chunks: int = option(3, "chunks kept (chunk eviction; the original keeps 1 for retrieval)")
-    kv_budget: int | None = option(None, "context tokens kept per KV head in each chunk (parallel KV-cache "
-                                   "eviction; default: off)", parse=int)
+    top_k_chunks: int = option(3, "chunks kept (chunk eviction; the original keeps 1 for retrieval)", metavar="K")
+    kv_budget: int | None = option(None, "context tokens kept per KV head in each chunk, by parallel KV-cache "
+                                   "eviction (default: off)", parse=int)
     calibration: Calibration | None = option(None, "attention calibration in layers FIRST..LAST of the query "
                                              "pass, e.g. sink:3-6 (default: off)", parse=Calibration.parse,
                                              flag="--calibrate", metavar="REGION:FIRST-LAST")
     kv_placement: str = option("gather", "with several processes (torchrun): gather = the kept chunks' K/V go to "
                                "rank 0, which decodes alone; sharded = they stay where they were encoded and "
-                               "attention is merged across processes", parse=kv_placement, metavar="{gather,sharded}")
+                               "attention is merged across processes", parse=kv_placement,
+                               metavar="{" + ",".join(KV_PLACEMENTS) + "}")
 
     def validate(self, model_config):
         window, n_layers = model_config.max_position_embeddings, model_config.n_layers
@@ -124,7 +126,7 @@ def default_chunk_tokens(window, head_len, question_len, answer_budget):
 
 def chunk_batch_size(model, chunk_len, n_chunks):
     """Chunks per forward: what half the free memory holds, at most MAX_BATCH_TOKENS tokens."""
-    fits = int(0.5 * free_memory(model.device) // (model.prefill_bytes_per_token() * chunk_len))
+    fits = int(0.5 * free_memory(model.device) // (prefill_bytes_per_token(model) * chunk_len))
     return max(1, min(n_chunks, fits, MAX_BATCH_TOKENS // chunk_len))
 
 
@@ -209,8 +211,9 @@ def encode_chunks(model, prompt, spans, indices, kv_budget):
     hidden = model(tokens, positions, ChunkEncoder(chunks, lens, kv_budget))
     targets = torch.tensor(question, device=model.device)
     for b, chunk in enumerate(chunks):
-        predicting = hidden[b, chunk.context_len - 1:lens[b] - 1]  # (Lq, dim): the rows that predict the question
-        chunk.nll = query_nll(model.logits(predicting), targets, prompt.eos_ids)
+        # (Lq, dim): the rows that predict the question; from its second token when nothing precedes it
+        predicting = hidden[b, max(chunk.context_len - 1, 0):lens[b] - 1]
+        chunk.nll = query_nll(model.logits(predicting), targets[len(targets) - len(predicting):], prompt.eos_ids)
     return chunks
 
 

@@ -14,21 +14,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import KVCache
+from model import KVCache, Llama
 
 PREFILL_PIECE = {"cuda": 8192, "cpu": 2048}  # tokens per causal-prefill forward
 
 
 class OptionError(ValueError):
-    """A bad option value. str() names the option as the Python API does (`top_k_chunks must be
-    at least 1`); named(flag) as another caller does (`--top-k-chunks must be at least 1`)."""
+    """A bad option value. str() names the options as the Python API does (`pot_keep must be
+    below pot_tokens (100)`); named(name_of) as another caller does, name_of giving each option's
+    name there (`--pot-keep must be below --pot-tokens (100)`). param: the option to change."""
 
-    def __init__(self, param, template):
-        self.param, self.template = param, template  # template: the message with {} for the name
-        super().__init__(template.format(param))
+    def __init__(self, param, template, *others):
+        self.param, self.template = param, template  # template: the message with {} for each name
+        self.params = (param, *others)  # the options the message names, in the template's order
+        super().__init__(self.named(str))
 
-    def named(self, name):
-        return self.template.format(name)
+    def named(self, name_of):
+        return self.template.format(*map(name_of, self.params))
 
 
 class MemoryShortage(RuntimeError):
@@ -58,8 +60,8 @@ def available_memory(meminfo="/proc/meminfo"):
 
 def option(default, help, parse=None, flag=None, metavar=None):
     """A config field with what the command line needs: its help, how to parse a value (int,
-    float, str or a parser raising ValueError; default: the type of `default`) and, when it
-    differs from --field-name, its flag."""
+    float, str or a parser raising ValueError; default: the type of `default`), when it differs
+    from --field-name its flag, and its value's name in --help where it is not a count (N)."""
     return field(default=default, metadata=dict(help=help, parse=parse or type(default), flag=flag, metavar=metavar))
 
 
@@ -94,10 +96,29 @@ class Prefilled:
     logits: torch.Tensor  # (vocab,) float32 at the prompt's last token
     next_position: int  # RoPE position of the first generated token
     stats: dict
+    model: Llama | None = None  # the model the decode loop continues with; None: the one that prefilled
 
 
 def prefill_piece(device):
     return PREFILL_PIECE.get(device.type, PREFILL_PIECE["cuda"])
+
+
+def kv_bytes_per_token(model):
+    """Memory a cached token takes: its K and V in every layer."""
+    c = model.config
+    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * model.dtype.itemsize
+
+
+def activation_bytes_per_token(model):
+    """Memory a token's activations take in one layer while it is encoded (RoPE in float32)."""
+    c, b = model.config, model.dtype.itemsize
+    qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    return b * (6 * c.dim + 3 * qkv + 4 * c.ffn_dim) + 8 * qkv
+
+
+def prefill_bytes_per_token(model):
+    """Memory a prefilled token takes: its K/V in every layer, plus its activations while encoded."""
+    return kv_bytes_per_token(model) + activation_bytes_per_token(model)
 
 
 def causal_prefill(model, ids, answer_budget):
@@ -105,7 +126,7 @@ def causal_prefill(model, ids, answer_budget):
     answer: (cache, logits (vocab,) at the last token). Raises MemoryShortage at once when the
     cache and one piece's activations would not fit, rather than minutes into the prefill."""
     tokens, piece = len(ids) + answer_budget, min(len(ids), prefill_piece(model.device))
-    need = model.kv_bytes_per_token() * tokens + model.activation_bytes_per_token() * piece
+    need = kv_bytes_per_token(model) * tokens + activation_bytes_per_token(model) * piece
     free = free_memory(model.device)
     if need > free:
         raise MemoryShortage(f"a cache of {tokens:,} tokens and their prefill need {need / 2**30:.1f} GiB, "

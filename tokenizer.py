@@ -113,14 +113,17 @@ class Tokenizer:
     bos_prefix is [bos_id] when the model expects BOS at a sequence start: add_bos_token in
     tokenizer_config.json when present, else whether tokenizer.json's post-processor prepends BOS,
     else yes for SentencePiece. eos_ids gathers every EOS the configuration files name.
+    model_config: the checkpoint's config.json as a dict where the caller has read it (the engine
+    reads it once for the model, the tokenizer and the methods); otherwise it is read here, if present.
     """
 
-    def __init__(self, backend, path: Path):
+    def __init__(self, backend, path: Path, model_config: dict | None = None):
         self.backend = backend
         self.path = path
         self.vocab_size = backend.vocab_size
         tokenizer_config = read_json(path / "tokenizer_config.json")
-        model_config = read_json(path / "config.json")
+        if model_config is None:
+            model_config = read_json(path / "config.json")
         generation_config = read_json(path / "generation_config.json")
 
         def lookup(token):
@@ -155,12 +158,12 @@ class Tokenizer:
                     (t["template"] for t in self.chat_template if t.get("name") == "default"), None)
 
     @classmethod
-    def from_dir(cls, path) -> "Tokenizer":
+    def from_dir(cls, path, model_config: dict | None = None) -> "Tokenizer":
         path = Path(path)
         if (path / "tokenizer.json").is_file():
-            return cls(HFTokenizersBackend(path / "tokenizer.json"), path)
+            return cls(HFTokenizersBackend(path / "tokenizer.json"), path, model_config)
         if (path / "tokenizer.model").is_file():
-            return cls(SentencePieceBackend(path / "tokenizer.model"), path)
+            return cls(SentencePieceBackend(path / "tokenizer.model"), path, model_config)
         raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model")
 
     def encode(self, text: str) -> list[int]:

@@ -3,8 +3,8 @@ memory, the kept chunks and passkey answers.
 
     torchrun --standalone --nproc-per-node 2 eval/distributed_bench.py --out results/distributed
 
-Bench: bench.py's Llama-3-8B-shaped model with random bf16 weights (the same on every GPU) and its
-random prompt for each context length. Each run is ParallelComp's prefill on rank 0 alone (the
+Bench: bench.py's Llama-3-8B-shaped model with random bf16 weights (the same on every GPU), its
+random prompt for each context length and its timer. Each run is ParallelComp's prefill on rank 0 alone (the
 one-process code, the other ranks idle), then over every rank with kv_placement gather and sharded;
 with --all-kept-context every chunk is kept (top-k = the number of chunks), a cache only sharded
 may hold. Decode: the median ms per token of runs of 32 steps, a CUDA graph on rank 0 for one GPU
@@ -29,14 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import distributed  # noqa: E402
 import parallelcomp  # noqa: E402
-from bench import DECODE_STEPS, LLAMA3_8B, QUESTION_TOKENS, REPEATS, TIMED_STEPS  # noqa: E402
+import ranks  # noqa: E402
+from bench import DECODE_STEPS, LLAMA3_8B, REPEATS, TIMED_STEPS, random_model, random_prompt, timed  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from decoding import Decoder, SamplingParams, decode  # noqa: E402
 from engine import Engine  # noqa: E402
-from model import build_model  # noqa: E402
 from parallelcomp import ParallelCompConfig  # noqa: E402
 from passkey import INSTRUCTION, QUESTION, passkey_document, passkey_keys  # noqa: E402
-from prefill import Prompt  # noqa: E402
 
 PLACEMENTS = ("one", "gather", "sharded")  # one: rank 0 alone, the one-process code
 PASSKEY_TOKENS = 8
@@ -53,7 +52,7 @@ def prefill(model, prompt, config, placement, answer_budget):
     synchronize(model.device)
     start = time.perf_counter()
     if placement == "one":
-        prefilled = parallelcomp.prefill(model, prompt, config, answer_budget) if distributed.rank() == 0 else None
+        prefilled = parallelcomp.prefill(model, prompt, config, answer_budget) if ranks.rank() == 0 else None
     else:
         prefilled = distributed.prefill(model, prompt, replace(config, kv_placement=placement), answer_budget)
     synchronize(model.device)
@@ -66,15 +65,7 @@ def decode_ms(model, prefilled):
     graph = device.type == "cuda" and prefilled.cache.graph_safe
     decoder = Decoder(model, prefilled.cache, int(prefilled.logits.argmax()), prefilled.next_position, DECODE_STEPS,
                       SamplingParams().sampler(device), graph)
-    decoder.run(TIMED_STEPS)
-    times = []
-    for _ in range(REPEATS):
-        synchronize(device)
-        start = time.perf_counter()
-        decoder.run(TIMED_STEPS)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2] / TIMED_STEPS
+    return 1e3 * timed(lambda: decoder.run(TIMED_STEPS), REPEATS, device) / TIMED_STEPS
 
 
 def peak_gib(device):
@@ -99,13 +90,13 @@ def bench_row(model, prompt, config, placement):
                 return None
             return seconds, decode_ms(model, prefilled), prefilled.stats
     try:
-        result = distributed.checked(run)
-        seconds, ms, stats = distributed.from_rank0(lambda: result)
+        result = ranks.checked(run)
+        seconds, ms, stats = ranks.from_rank0(lambda: result)
         row.update(prefill_s=seconds, decode_ms=ms, chunks=stats["chunks"], kept_chunks=stats["kept_chunks"],
                    cache_tokens=stats["forwards"][-1][1])
-    except (torch.OutOfMemoryError, distributed.RankError) as e:  # one GPU's out of memory reaches every rank
-        row.update(error=distributed.describe(e))
-    peaks = [None] * distributed.world()
+    except (torch.OutOfMemoryError, ranks.RankError) as e:  # one GPU's out of memory reaches every rank
+        row.update(error=ranks.describe(e))
+    peaks = [None] * ranks.world()
     dist.all_gather_object(peaks, peak_gib(device))
     return dict(row, peak_gib=peaks)
 
@@ -115,9 +106,9 @@ def bench(model, contexts, all_kept_context, add):
     c = model.config
     runs = [(n, ParallelCompConfig()) for n in contexts]
     if all_kept_context:
-        chunk = parallelcomp.default_chunk_tokens(c.max_position_embeddings, 0, QUESTION_TOKENS, DECODE_STEPS)
-        n_chunks = len(parallelcomp.chunk_spans(all_kept_context - QUESTION_TOKENS, chunk))
-        runs.append((all_kept_context, ParallelCompConfig(top_k_chunks=n_chunks)))
+        prompt = random_prompt(c, all_kept_context)
+        spans = parallelcomp.context_spans(model, prompt, ParallelCompConfig(), DECODE_STEPS)
+        runs.append((all_kept_context, ParallelCompConfig(top_k_chunks=len(spans))))
     warm = random_prompt(c, 3 * c.max_position_embeddings)  # several chunks: cuDNN plans, cuBLAS handles
     for placement in PLACEMENTS:
         bench_row(model, warm, ParallelCompConfig(), placement)
@@ -127,12 +118,6 @@ def bench(model, contexts, all_kept_context, add):
             row = dict(context=context, **bench_row(model, prompt, config, placement))
             add(row)
             log(bench_table([row]).splitlines()[-1])
-
-
-def random_prompt(c, context):
-    """bench.py's prompt: random tokens, the last QUESTION_TOKENS of them the question."""
-    ids = torch.randint(0, c.vocab_size, (context,), generator=torch.Generator().manual_seed(context)).tolist()
-    return Prompt([], ids[:-QUESTION_TOKENS], ids[-QUESTION_TOKENS:])
 
 
 def bench_table(rows):
@@ -164,10 +149,10 @@ def answer(engine, prompt, config, placement):
         return engine.tokenizer.decode(tokens), prefilled.stats["kept_chunks"]
     with torch.inference_mode():
         if placement == "one":
-            return distributed.from_rank0(lambda: generate(parallelcomp.prefill(model, prompt, config,
+            return ranks.from_rank0(lambda: generate(parallelcomp.prefill(model, prompt, config,
                                                                                  PASSKEY_TOKENS)))
         prefilled = distributed.prefill(model, prompt, replace(config, kv_placement=placement), PASSKEY_TOKENS)
-        return distributed.decoded(prefilled, lambda: generate(prefilled))
+        return ranks.decoded(prefilled, lambda: generate(prefilled))
 
 
 def passkey(engine, lengths, depths, keys, add):
@@ -199,7 +184,7 @@ def passkey_table(rows):
 
 
 def log(message):
-    if distributed.rank() == 0:
+    if ranks.rank() == 0:
         print(message, file=sys.stderr, flush=True)
 
 
@@ -217,10 +202,10 @@ def main():
     p.add_argument("--device", help="cuda (one GPU per process) or cpu")
     p.add_argument("--out", default="results/distributed", help="writes PREFIX.json")
     args = p.parse_args()
-    device = torch.device(distributed.init(args.device))
-    if distributed.world() == 1:
+    device = torch.device(ranks.init(args.device))
+    if ranks.world() == 1:
         p.error("start it with torchrun --nproc-per-node N (N >= 2): it compares one GPU with N")
-    result = dict(processes=distributed.world(), device=torch.cuda.get_device_name(device) if device.type == "cuda"
+    result = dict(processes=ranks.world(), device=torch.cuda.get_device_name(device) if device.type == "cuda"
                   else "cpu", complete=False, bench=[], passkey=[])
 
     def add(part, row):
@@ -229,7 +214,7 @@ def main():
 
     def save():
         """Rank 0 rewrites PREFIX.json: a run stopped midway keeps its rows."""
-        if distributed.rank() == 0:
+        if ranks.rank() == 0:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
 
@@ -237,10 +222,7 @@ def main():
         if args.bench_model:
             model = load_model(args.bench_model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         else:
-            model = build_model(LLAMA3_8B, device, torch.bfloat16)
-            gen = torch.Generator(device).manual_seed(0)  # the same weights on every GPU
-            for param in model.parameters():
-                param.normal_(0, 0.02, generator=gen)
+            model = random_model(LLAMA3_8B, device)
         bench(model, [n for n in args.contexts if n], args.all_kept_context, functools.partial(add, "bench"))
         del model
     if any(args.passkey_lengths):
@@ -249,7 +231,7 @@ def main():
         passkey(engine, lengths, args.depths, args.keys, functools.partial(add, "passkey"))
     result["complete"] = True
     save()
-    if distributed.rank() == 0:
+    if ranks.rank() == 0:
         print(f"{result['processes']} processes on {result['device']}")
         if result["bench"]:
             print(bench_table(result["bench"]))

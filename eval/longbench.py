@@ -15,12 +15,11 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import Rows, load_engine, log, markdown_table, parser, runs
 from metrics import METRICS, example_score, exact_match, gold_options, task_score
-from parallelcomp import ParallelCompConfig  # after common, which puts the repository on sys.path
 
 PROMPTS = {
     "narrativeqa": "You are given a story, which can be either a novel or a movie script, and a question. Answer the question as concisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nStory: {context}\n\nNow, answer the question based on the story as concisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:",
@@ -101,21 +100,21 @@ def read_items(path, limit):
     return items[:limit]
 
 
-def task_config(config, task):
-    """ParallelComp keeps one chunk where the original forces it."""
-    if isinstance(config, ParallelCompConfig) and task in FORCED_TOP_K:
-        return replace(config, top_k_chunks=FORCED_TOP_K[task])
-    return config
+def task_options(name, overrides, task):
+    """The overrides of method `name` for a task: ParallelComp keeps one chunk where the original forces it."""
+    if name == "parallelcomp" and task in FORCED_TOP_K:
+        return {**overrides, "top_k_chunks": FORCED_TOP_K[task]}
+    return overrides
 
 
 def run(engine, items, methods, max_new_tokens, rows):
-    """methods: {label: (method, config)}; one row per item and label, appended to rows."""
+    """methods: {label: (method, {field: value})}; one row per item and label, appended to rows."""
     for item in items:
-        for method, (name, config) in methods.items():
+        for method, (name, overrides) in methods.items():
             start = time.perf_counter()
             out = engine.generate(item.document, item.question, instruction=item.instruction, method=name,
                                   max_new_tokens=max_new_tokens or item.max_new_tokens,
-                                  config=task_config(config, item.task))
+                                  options={name: task_options(name, overrides, item.task)})
             rows.append(dict(task=item.task, id=item.id, method=method, prompt_tokens=out.stats["prompt_tokens"],
                              answer=out.text, score=item.score(out.text), seconds=time.perf_counter() - start))
             log(f"{item.task} {item.id} {method}: {rows[-1]['score']:.2f} {out.text[:60]!r}")

@@ -15,9 +15,8 @@ import re
 import time
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-
-from common import METHODS, Rows, file_label, length_label, load_engine, log, markdown_table, output_path, parser, runs
+from common import (METHODS, Rows, draw_heatmap, file_label, length_label, load_engine, log, markdown_table,
+                    mean_score, output_path, parser, runs)
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. "
                "Find it and memorize it. I will quiz you about the important information there.\n\n")
@@ -78,42 +77,28 @@ def trials(tokenizer, task, n_tokens, depth, keys, haystack_ids):
 
 
 def run(engine, tasks, lengths, depths, keys, haystack_ids, methods, rows):
-    """methods: {label: (method, config)}; one row per trial and label, appended to rows."""
+    """methods: {label: (method, {field: value})}; one row per trial and label, appended to rows."""
     for task in tasks:
         for n_tokens in lengths:
             for depth in depths:
                 cell = trials(engine.tokenizer, task, n_tokens, depth, keys, haystack_ids)
                 for trial, (document, instruction, question, score) in enumerate(cell):
-                    for method, (name, config) in methods.items():
+                    for method, (name, overrides) in methods.items():
                         start = time.perf_counter()
                         out = engine.generate(document, question, instruction=instruction, method=name,
-                                              max_new_tokens=MAX_NEW_TOKENS[task], config=config)
+                                              max_new_tokens=MAX_NEW_TOKENS[task], options={name: overrides})
                         rows.append(dict(task=task, length=n_tokens, depth=depth, trial=trial, method=method,
                                          prompt_tokens=out.stats["prompt_tokens"], answer=out.text,
                                          score=score(out.text), seconds=time.perf_counter() - start))
                         log(f"{task} {n_tokens} depth {depth} #{trial} {method}: {rows[-1]['score']:.2f} {out.text!r}")
 
 
-def mean_score(rows, **where):
-    scores = [r["score"] for r in rows if all(r[k] == v for k, v in where.items())]
-    return sum(scores) / len(scores)
-
-
 def heatmap(rows, task, method, path):
-    """Mean score per (depth, length) cell: lengths across, depths down, each cell annotated."""
+    """Mean score per (depth, length) cell: lengths across, depths down."""
     lengths, depths = sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows})
     grid = [[mean_score(rows, task=task, method=method, length=n, depth=d) for n in lengths] for d in depths]
-    fig, ax = plt.subplots(figsize=(1.1 * len(lengths) + 2.5, 0.5 * len(depths) + 1.8))
-    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9)
-    ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-    ax.set(xlabel="context length (tokens)", ylabel="depth", title=f"{task}, {method}")
-    fig.colorbar(image, ax=ax, label="mean score")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    draw_heatmap(grid, [length_label(n) for n in lengths], [f"{d:.0%}" for d in depths],
+                 "context length (tokens)", "depth", f"{task}, {method}", path)
 
 
 def score_table(rows, tasks, methods):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common import Rows, length_label, load_engine, log, markdown_table, output_path, parser, runs
-from methods import METHODS, prepared  # after common, which puts the repository on sys.path
+from methods import METHODS  # after common, which puts the repository on sys.path
 from prefill import Prompt
 
 BOOK = Path(__file__).resolve().parents[2] / "shared" / "data" / "books" / "war_and_peace.txt"
@@ -52,17 +52,17 @@ def context_prompt(engine, name, context, query_len):
 
 
 def run(engine, tokens, lengths, target_len, query_len, methods, rows):
-    """tokens: max(lengths) tokens of context then the target; methods: {label: (method, config)};
+    """tokens: max(lengths) tokens of context then the target; methods: {label: (method, {field: value})};
     one row per (N, label), appended to rows."""
     target, end = tokens[-target_len:], len(tokens) - target_len
     for n in lengths:
-        for method, (name, config) in methods.items():
+        for method, (name, overrides) in methods.items():
             start = time.perf_counter()
             with torch.inference_mode():
                 prompt = context_prompt(engine, name, tokens[end - n:end], query_len)
-                config = prepared(config, engine.model, engine.tokenizer.encode)
+                config = engine.method_config(name, overrides=overrides)
                 prefilled = METHODS[name].prefill(engine.model, prompt, config, target_len)
-                nll = continuation_nll(engine.model, prefilled, target)
+                nll = continuation_nll(prefilled.model or engine.model, prefilled, target)
             rows.append(dict(context_tokens=n, method=method, nll=nll, ppl=math.exp(nll),
                              seconds=time.perf_counter() - start))
             log(f"N={n} {method}: ppl {rows[-1]['ppl']:.2f}")

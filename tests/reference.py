@@ -33,7 +33,7 @@ def ref_rope_type(cfg):
 
 def ref_inv_freq(cfg, seq_len):
     """HF's ROPE_INIT_FUNCTIONS in float64: default, linear (applied to positions instead, see
-    ref_rotations), dynamic NTK and llama3. seq_len = the forward's largest position + 1."""
+    ref_rotations), dynamic NTK, llama3 and YaRN. seq_len = the forward's largest position + 1."""
     d = ref_head_dim(cfg)
     base = float(cfg.get("rope_theta", 10000.0))
     kind, scaling = ref_rope_type(cfg), cfg.get("rope_scaling") or {}
@@ -54,18 +54,61 @@ def ref_inv_freq(cfg, seq_len):
         smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
         is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
         inv_freq = torch.where(is_medium, smoothed, inv_freq_llama)
+    if kind == "yarn":
+        inv_freq = torch.tensor([yarn_frequency(cfg, i, float(f)) for i, f in enumerate(inv_freq)], dtype=torch.float64)
     return inv_freq
+
+
+def yarn_window(cfg):
+    scaling = cfg["rope_scaling"]
+    return scaling.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
+
+
+def yarn_frequency(cfg, i, frequency):
+    """YaRN (arXiv 2309.00071; HF's _compute_yarn_parameters) for pair i of frequency theta^(-2i/d):
+    with r(n) = d ln(L / (2 pi n)) / (2 ln theta) the pair that turns n times over the original
+    window L, pairs up to r(beta_fast) keep their frequency, pairs from r(beta_slow) on divide it
+    by the factor, and the share divided rises linearly in i between (bounds floored/ceiled unless
+    truncate is false, clipped to [0, d - 1], a zero-width ramp widened to 0.001)."""
+    s, d, theta = cfg["rope_scaling"], ref_head_dim(cfg), float(cfg.get("rope_theta", 10000.0))
+
+    def r(turns):
+        return d * math.log(yarn_window(cfg) / (2 * math.pi * turns)) / (2 * math.log(theta))
+
+    low, high = r(s.get("beta_fast") or 32), r(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    divided = min(1.0, max(0.0, (i - low) / (high - low)))
+    return frequency * (1 - divided) + frequency / s["factor"] * divided
+
+
+def ref_temperature(cfg):
+    """YaRN's scale of cos and sin: attention_factor; else 0.1 mscale ln(factor) + 1 over the same
+    at mscale_all_dim when both are given, else 0.1 ln(factor) + 1 (1 at factor <= 1)."""
+    if ref_rope_type(cfg) != "yarn":
+        return 1.0
+    s = cfg["rope_scaling"]
+    if s.get("attention_factor") is not None:
+        return s["attention_factor"]
+    f = s["factor"]
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return (0.1 * s["mscale"] * math.log(f) + 1) / (0.1 * s["mscale_all_dim"] * math.log(f) + 1)
+    return 0.1 * math.log(f) + 1 if f > 1 else 1.0
 
 
 def ref_rotations(cfg, positions):
     """(T, d, d) float64 matrices R_t with rope(x at position t) = R_t @ x, half-split pairing:
-    out[i] = x[i] cos - x[i + d/2] sin, out[i + d/2] = x[i + d/2] cos + x[i] sin (HF rotate_half)."""
+    out[i] = x[i] cos - x[i + d/2] sin, out[i + d/2] = x[i + d/2] cos + x[i] sin (HF rotate_half);
+    YaRN's temperature multiplies cos and sin (HF's attention_scaling), so R_t too."""
     d = ref_head_dim(cfg)
     inv_freq = ref_inv_freq(cfg, max(positions) + 1)
     scaling = cfg.get("rope_scaling") or {}
     divisor = scaling["factor"] if ref_rope_type(cfg) == "linear" else 1.0
     angles = torch.tensor(positions, dtype=torch.float64)[:, None] / divisor * inv_freq  # (T, d/2)
-    c, s = angles.cos(), angles.sin()
+    c, s = angles.cos() * ref_temperature(cfg), angles.sin() * ref_temperature(cfg)
     i = torch.arange(d // 2)
     mats = torch.zeros(len(positions), d, d, dtype=torch.float64)
     mats[:, i, i], mats[:, i, i + d // 2] = c, -s
@@ -130,6 +173,20 @@ def ref_forward(w, cfg, tokens, positions, past=None, record=None, mask=None):
     x = ref_rmsnorm(x, w["model.norm.weight"], eps)
     head = w["model.embed_tokens.weight"] if cfg.get("tie_word_embeddings") else w["lm_head.weight"]
     return x @ head.T
+
+
+def ref_greedy(w, cfg, ids, n, eos):
+    """The decode loop's greedy tokens after `ids`, at most n: each the argmax of ref_forward over
+    everything before it at positions 0.., the first never `eos`, none from an `eos` on."""
+    out = []
+    while len(out) < n:
+        logits = ref_forward(w, cfg, ids + out, list(range(len(ids) + len(out))))[-1]
+        if not out:
+            logits[eos] = float("-inf")
+        if int(logits.argmax()) == eos:
+            break
+        out.append(int(logits.argmax()))
+    return out
 
 
 def rel_err(a, b):

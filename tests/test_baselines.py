@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import baselines
-from baselines import BaselineConfig
-from conftest import BOOKS, Stories
+from baselines import BaselineConfig, YarnConfig
+from conftest import BOOKS, STORIES, Stories
+from engine import Engine, cli_message
 from prefill import OptionError, Prompt
 from reference import ref_forward, ref_rotations, rel_err
 
@@ -36,8 +37,10 @@ def s():
 
 
 def rotate(rows, cfg, positions, inverse=False):
-    """RoPE of rows (T, heads, d) at positions, or its inverse, by tests/reference.py's matrices."""
-    return torch.einsum("tji,thj->thi" if inverse else "tij,thj->thi", ref_rotations(cfg, list(positions)), rows)
+    """RoPE of rows (T, heads, d) at positions, or its inverse, by tests/reference.py's matrices
+    (rotations, scaled by YaRN's temperature where the config has YaRN)."""
+    mats = ref_rotations(cfg, list(positions))
+    return torch.einsum("tij,thj->thi", torch.linalg.inv(mats) if inverse else mats, rows)
 
 
 def test_room_is_the_window_less_the_answer(s):
@@ -147,3 +150,68 @@ def test_streaming_a_prompt_within_the_room_is_plain_prefill(s):
     assert rel_err(got.logits, logits[-1]) <= TOL
     assert got.next_position == 50 and got.stats["truncated_tokens"] == 0
     assert got.stats["forwards"] == [[14, 14], [14, 28], [14, 42], [8, 50]]
+
+
+# ---------------------------------------------------------------------------- YaRN
+
+def yarn_config(cfg, factor):
+    """stories260K's config.json as a checkpoint trained with YaRN over its 512 positions would have it."""
+    return {**cfg, "rope_scaling": {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": 512}}
+
+
+def test_streaming_turns_yarn_keys_back_without_a_second_temperature(s):
+    """StreamingLLM on a model with YaRN: kept keys turn back by a pure rotation (they carry the
+    temperature once), as the float64 replay with YaRN in the config does."""
+    scaling = yarn_config(s.cfg, 2.0)["rope_scaling"]
+    model = s.model.with_rope_scaling(scaling, 512)
+    _, past, logits = reference_streaming(s.w, yarn_config(s.cfg, 2.0), s.ids)
+    with torch.inference_mode():
+        got = baselines.prefill_streaming(model, s.prompt, BaselineConfig(), ANSWER)
+    assert rel_err(got.logits, logits) <= TOL
+    for layer, (k, _) in enumerate(past):
+        assert rel_err(got.cache.k[layer, 0, :, :ROOM].transpose(0, 1), k) <= TOL
+
+
+def test_yarn_method_is_the_float64_forward_with_yarn(s):
+    """--method yarn --yarn-factor 2 on stories260K: the prefill's logits and every greedy token the
+    engine decodes (on the YaRN view) are those of the float64 forward with YaRN (factor 2 over
+    its 512 positions) in config.json; the window grows to 1024."""
+    engine = Engine(STORIES, "cpu")
+    document = engine.tokenizer.decode(s.prompt.context[:150])
+    prompt = engine.layout(document)
+    ids = prompt.ids()
+    with torch.inference_mode():
+        got = baselines.prefill_yarn(engine.model, prompt, YarnConfig(factor=2.0), 8)
+        plain = baselines.prefill_full(engine.model, prompt, BaselineConfig(), 8).logits
+    out = engine.generate(document, method="yarn", config=YarnConfig(factor=2.0), max_new_tokens=8)
+    assert out.stats["prompt_tokens"] == len(ids) and len(out.tokens) > 1
+    assert got.model.config.max_position_embeddings == 1024 and engine.model.config.rope_scaling is None
+    n = len(ids)
+    ref = ref_forward(s.w, yarn_config(s.cfg, 2.0), ids + out.tokens[:-1], list(range(n - 1 + len(out.tokens))))
+    assert rel_err(got.logits, ref[n - 1]) <= TOL
+    assert rel_err(got.logits, plain) > 1e-2  # YaRN changes them
+    assert out.tokens == ref[n - 1:].argmax(-1).tolist()
+    assert got.stats == dict(truncated_tokens=0, forwards=[[n, n]], scored_tokens=0)
+
+
+def test_yarn_method_reads_past_the_trained_window():
+    """A prompt of about 900 tokens, past stories260K's 512 positions, within YaRN's 1024: served."""
+    engine = Engine(STORIES, "cpu")
+    tok = engine.tokenizer
+    text = tok.decode(tok.encode((BOOKS / "frankenstein.txt").read_text()[30000:40000])[:899])
+    out = engine.generate(text, method="yarn", config=YarnConfig(factor=2.0), max_new_tokens=20)
+    assert 512 < out.stats["prompt_tokens"] <= 1004 and len(out.tokens) >= 1
+
+
+def test_yarn_refusals(s):
+    prompt = Prompt([1], list(range(3, 900)), [], bos_id=1)
+    with pytest.raises(OptionError) as e:
+        baselines.prefill_yarn(s.model, prompt, YarnConfig(factor=2.0), 200)  # 898 + 200 > 1024
+    assert e.value.param == "factor" and "YaRN's 1,024-token window" in str(e.value)
+    assert cli_message(e.value).count("--yarn-factor") == 2
+    with pytest.raises(OptionError, match="factor must be at least 1"):
+        baselines.prefill_yarn(s.model, prompt, YarnConfig(factor=0.5), 10)
+    scaled = s.model.with_rope_scaling({"rope_type": "linear", "factor": 2.0}, 1024)
+    with pytest.raises(OptionError) as e:
+        baselines.prefill_yarn(scaled, prompt, YarnConfig(), 10)
+    assert e.value.param == "method" and "--method yarn" in cli_message(e.value) and "linear scaling" in str(e.value)

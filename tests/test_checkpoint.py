@@ -5,6 +5,7 @@ tensor, the file, the shapes), never a raw SafetensorError, KeyError or JSONDeco
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -226,8 +227,7 @@ def test_unsupported_architecture(tmp_path, architectures):
         assert architectures[0] in message
 
 
-@pytest.mark.parametrize("scaling", [{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
-                                     {"type": "longrope", "factor": 2.0}, {"rope_type": "su"}])
+@pytest.mark.parametrize("scaling", [{"type": "longrope", "factor": 2.0}, {"rope_type": "su"}])
 def test_unsupported_rope_type(tmp_path, scaling):
     config = {**CONFIG, "rope_scaling": scaling}
     message = load_error(write_checkpoint(tmp_path, config, random_tensors(CONFIG, 0)))
@@ -240,11 +240,37 @@ def test_config_missing_key(tmp_path):
     assert "intermediate_size" in load_error(write_checkpoint(tmp_path, config, random_tensors(CONFIG, 0)))
 
 
-@pytest.mark.parametrize("change", [{"num_key_value_heads": 3}, {"head_dim": 7}, {"hidden_size": 0},
-                                    {"vocab_size": "many"}])
-def test_config_inconsistent_sizes(tmp_path, change):
-    config = {**CONFIG, **change}
-    assert "config.json" in load_error(write_checkpoint(tmp_path, config, random_tensors(CONFIG, 0)))
+SIZE_ERRORS = [  # CONFIG: hidden 32, 4 heads, 2 KV heads, head_dim 8, 3 layers, vocabulary 61, MLP 48
+    ({"num_key_value_heads": 3}, r"config.json: num_attention_heads \(4\) must be a multiple of num_key_value_heads "
+                                 r"\(3\)$"),
+    ({"num_attention_heads": 3}, r"num_attention_heads \(3\) must be a multiple of num_key_value_heads \(2\)$"),
+    ({"head_dim": 7}, r"config.json: head_dim must be even, not 7$"),
+    ({"head_dim": None, "hidden_size": 3}, r"config.json: hidden_size / num_attention_heads \(3 / 4\) makes head_dim "
+                                           r"0, which must be even and at least 2: correct them, or give head_dim$"),
+    ({"head_dim": None, "hidden_size": 36}, r"hidden_size / num_attention_heads \(36 / 4\) makes head_dim 9"),
+    ({"hidden_size": 0}, r"config.json: hidden_size must be a positive integer, not 0$"),
+    ({"vocab_size": "many"}, r"config.json: vocab_size must be a positive integer, not 'many'$"),
+    # the tensors are CONFIG's: the field that disagrees with them is named
+    ({"vocab_size": 100}, r"model.safetensors: tensor lm_head.weight has shape \(61, 32\), expected \(100, 32\) from "
+                          r"config.json's vocab_size$"),
+    ({"intermediate_size": 40}, r"tensor model.layers.0.mlp.down_proj.weight has shape \(32, 48\), expected "
+                                r"\(32, 40\) from config.json's intermediate_size$"),
+    ({"num_key_value_heads": 1}, r"tensor model.layers.0.self_attn.k_proj.weight has shape \(16, 32\), expected "
+                                 r"\(8, 32\) from config.json's num_key_value_heads \* head_dim$"),
+    ({"num_hidden_layers": 5}, r"no tensors for layers 3 and above: the checkpoint has 3 layers, config.json's "
+                               r"num_hidden_layers says 5$"),
+    ({"num_hidden_layers": 2}, r"model.safetensors: tensor model.layers.2.\S+ is for layer 2, past config.json's "
+                               r"num_hidden_layers \(2\)$"),
+]
+
+
+@pytest.mark.parametrize("change, message", SIZE_ERRORS, ids=[json.dumps(change) for change, _ in SIZE_ERRORS])
+def test_sizes_that_disagree_name_the_field(tmp_path, change, message):
+    """Before, the heads and head_dim cases said "inconsistent sizes (heads 4, KV heads 3, head_dim
+    8)", and those of the tensors named a tensor and a shape but no field of config.json."""
+    config = {k: v for k, v in {**CONFIG, **change}.items() if v is not None}
+    error = load_error(write_checkpoint(tmp_path, config, random_tensors(CONFIG, 0)))
+    assert re.search(message, error), error
 
 
 def test_sliding_window_is_refused(tmp_path):
@@ -253,7 +279,10 @@ def test_sliding_window_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("scaling", [{"rope_type": "linear"}, {"rope_type": "llama3", "factor": 8.0},
-                                     {"rope_type": "dynamic"}, [1]])
+                                     {"rope_type": "dynamic"}, [1], {"rope_type": "yarn"},
+                                     {"type": "yarn", "factor": 4.0, "beta_fast": "32"},
+                                     {"type": "yarn", "factor": 0.5},
+                                     {"type": "yarn", "factor": 2.0, "truncate": "no"}])
 def test_incomplete_rope_scaling_is_a_checkpoint_error(tmp_path, scaling):
     config = {**CONFIG, "rope_scaling": scaling}
     assert "rope_scaling" in load_error(write_checkpoint(tmp_path, config, random_tensors(CONFIG, 0)))

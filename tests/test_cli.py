@@ -6,6 +6,7 @@ engine.main in-process (one torch import); the ones about the process itself (a 
 standard input) run `python engine.py` in a subprocess.
 """
 
+import codecs
 import io
 import json
 import os
@@ -16,14 +17,19 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, STORIES, shared
+from conftest import REPO, STORIES, shared, stories_heads
 from engine import ProgressBar, main, memory_advice
-from parallelcomp import chunk_spans
+from hybrid import PATTERNS
+from methods import METHODS, flag_of
+from parallelcomp import KV_PLACEMENTS, chunk_spans
+from reference import load_float64, ref_greedy
 from tokenizer import Tokenizer
 MODEL = ["--model", str(STORIES), "--device", "cpu"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -85,6 +91,14 @@ PROMPT_ERRORS = {
                r"the prompt \S+p.gif looks like a binary file \(NUL byte at byte 6\), not text"),
     "latin-1": (lambda tmp: write(tmp / "p.txt", "Once upon a time\nthere was a café.".encode("latin-1")),
                 r"the prompt \S+p.txt is not text: invalid UTF-8 at byte 32 \(line 2\); save it as UTF-8"),
+    # before, these were a binary file (UTF-16's NUL bytes) and a directory (the empty path is .)
+    "UTF-16": (lambda tmp: write(tmp / "p.txt", codecs.BOM_UTF16_LE + "Once upon a time".encode("utf-16-le")),
+               r"the prompt \S+p.txt is UTF-16 text \(it starts with a UTF-16 byte-order mark\): save it as UTF-8$"),
+    "UTF-16 BE": (lambda tmp: write(tmp / "p.txt", codecs.BOM_UTF16_BE + "Once upon a time".encode("utf-16-be")),
+                  r"the prompt \S+p.txt is UTF-16 text \(it starts with a UTF-16 byte-order mark\)"),
+    "UTF-32": (lambda tmp: write(tmp / "p.txt", codecs.BOM_UTF32_LE + "Once upon a time".encode("utf-32-le")),
+               r"the prompt \S+p.txt is UTF-32 text \(it starts with a UTF-32 byte-order mark\): save it as UTF-8$"),
+    "no file name": (lambda tmp: "", r"^error: --prompt is empty: give a text file, or - for standard input$"),
 }
 
 
@@ -143,6 +157,31 @@ CHECKPOINT_ERRORS = {
                   r"model.safetensors: not a readable safetensors file \(.*incomplete metadata"),
     "corrupted": (lambda tmp: checkpoint(tmp, safetensors=garbled_header),
                   r"model.safetensors: not a readable safetensors file \(.*invalid JSON in header"),
+    # before 6d6fb5c these loaded and ran without a word
+    "a size as text": (lambda tmp: checkpoint(tmp, config={"hidden_size": "64"}),
+                       r"model/config.json: hidden_size must be a positive integer, not '64'$"),
+    "a negative RoPE base": (lambda tmp: checkpoint(tmp, config={"rope_theta": -10000.0}),
+                             r"model/config.json: rope_theta must be a positive number, not -10000.0$"),
+    "head_dim 0": (lambda tmp: checkpoint(tmp, config={"head_dim": 0}),
+                   r"model/config.json: head_dim must be a positive integer, not 0$"),
+    # before, "inconsistent sizes (heads 9, KV heads 4, head_dim 8)" or a tensor's shape without the field
+    "heads": (lambda tmp: checkpoint(tmp, config={"num_attention_heads": 9}),
+              r"model/config.json: num_attention_heads \(9\) must be a multiple of num_key_value_heads \(4\)$"),
+    "vocabulary": (lambda tmp: checkpoint(tmp, config={"vocab_size": 100}),
+                   r"model.safetensors: tensor model.embed_tokens.weight has shape \(512, 64\), expected \(100, 64\) "
+                   r"from config.json's vocab_size$"),
+    "more layers": (lambda tmp: checkpoint(tmp, config={"num_hidden_layers": 7}),
+                    r"model: no tensors for layers 5 and above: the checkpoint has 5 layers, config.json's "
+                    r"num_hidden_layers says 7$"),
+    "a bias flag as text": (lambda tmp: checkpoint(tmp, config={"tie_word_embeddings": "true"}),
+                            r"model/config.json: tie_word_embeddings must be true or false, not 'true'$"),
+    # a hybrid layout that does not fit: before, ZeroDivisionError tracebacks or, for [3, 1], no full layer
+    "window 0": (lambda tmp: checkpoint(tmp, config={"hybrid_attention": {"window_tokens": 0}}),
+                 r"model/config.json: hybrid_attention.window_tokens must be at least 1$"),
+    "block 0": (lambda tmp: checkpoint(tmp, config={"hybrid_attention": {"pattern": "block", "block_tokens": 0}}),
+                r"model/config.json: hybrid_attention.block_tokens must be at least 1$"),
+    "full layers reversed": (lambda tmp: checkpoint(tmp, config={"hybrid_attention": {"full_layers": [3, 1]}}),
+                             r"model/config.json: hybrid_attention.full_layers must have 0 <= first <= last < 5$"),
 }
 
 
@@ -187,6 +226,19 @@ def test_invalid_option_values(option, tmp_path, capsys):
     assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, option), OPTION_ERRORS[option])
 
 
+def test_yarn_errors(tmp_path, capsys):
+    prompt = write(tmp_path / "p.txt", SENTENCE * 60)  # 1,141 tokens: past YaRN's 1,024 at factor 2
+    yarn = ["--prompt", prompt, "--device", "cpu", "--method", "yarn"]
+    assert_one_line_error(*run(capsys, *yarn, "--model", STORIES, "--yarn-factor", "0.5"),
+                          "--yarn-factor must be at least 1")
+    assert_one_line_error(*run(capsys, *yarn, "--model", STORIES, "--yarn-factor", "2"),
+                          r"exceed YaRN's 1,024-token window \(--yarn-factor 2 times 512\): raise --yarn-factor")
+    scaled = checkpoint(tmp_path, config={"rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert_one_line_error(*run(capsys, *yarn, "--model", scaled),
+                          "--method yarn applies YaRN to a checkpoint without RoPE scaling; this one has linear "
+                          "scaling in its config.json: use --method full")
+
+
 MALFORMED = {
     "--max-new-tokens=many": r"^error: argument --max-new-tokens: invalid int value: 'many' \(see --help\)$",
     "--calibrate=sink": r"^error: argument --calibrate: 'sink': expected REGION:FIRST-LAST",
@@ -201,6 +253,45 @@ def test_malformed_command_line_is_one_line_with_status_2(options, capsys):
         main(["--prompt", "p.txt", *options.split()])
     out, err = capsys.readouterr()
     assert_one_line_error(exit.value.code, out, err, MALFORMED[options], status=2)
+
+
+def help_options(text):
+    """The options --help describes: {invocation ("--flag METAVAR"): help}, wrapped lines joined."""
+    options, last = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            last, _, words = line.strip().partition("  ")
+            options[last] = words.strip()
+        elif line.startswith("    ") and last:
+            options[last] = f"{options[last]} {line.strip()}".strip()
+        else:
+            last = None
+    return options
+
+
+def test_help_gives_every_option_help_a_named_value_and_its_default_once(monkeypatch, capsys):
+    """Before, --max-new-tokens, --top-p and --seed had no help, five options ended in "(default: None)"
+    after their own default, and metavars mixed PARALLELCOMP.CHUNK_TOKENS with M."""
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    text = capsys.readouterr().out
+    options = help_options(text)
+    usage = text.split("\n\n")[0]
+    flags = {word for invocation in options for word in invocation.replace(",", "").split() if word.startswith("-")}
+    listed = set(re.findall(r"\[?(--?[a-z][a-z-]*)", usage))
+    assert exit.value.code == 0 and listed <= flags and flags - listed == {"--help"}  # -h, --help: [-h]
+    assert {flag_of(f.name, [name]) for name in METHODS for f in fields(METHODS[name].config)} <= flags
+    assert all(options.values()), [flag for flag, words in options.items() if not words]
+    helps = " ".join(options.values())
+    assert "(default: None)" not in text and not re.findall(r"(?<!\()default", helps)  # one form: (default: X)
+    assert all(words.count("(default:") <= 1 for words in options.values())
+    metavars = [word for invocation in options for word in invocation.replace(",", "").split()[1:]
+                if not word.startswith("-")]
+    assert all(re.fullmatch(r"\{[a-z0-9,]+\}|[A-Z]+([:-][A-Z]+)*", metavar) for metavar in metavars), metavars
+    assert f"--hybrid-pattern {{{','.join(PATTERNS)}}}" in options
+    assert f"--kv-placement {{{','.join(KV_PLACEMENTS)}}}" in options
+    assert f"--method {{{','.join(['auto', *METHODS])}}}" in options
 
 
 @pytest.mark.parametrize("method", ["auto", "full", "truncate", "streaming", "parallelcomp"])
@@ -236,6 +327,15 @@ def test_a_cache_beyond_memory_is_refused_before_the_prefill(tmp_path, capsys):
                           r"are free on cpu: shorten the prompt or the answer, or choose a method with a bounded cache$")
 
 
+def test_out_of_memory_names_the_option_given_first(tmp_path, capsys):
+    """A 10^11-token window: the sparse layers' ring buffers (77 TB) fail to allocate. Before, the
+    message named only --max-new-tokens and the prompt."""
+    prompt = write(tmp_path / "p.txt", STORY)
+    assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, "--method", "hybrid", "--window-tokens", 10**11),
+                          r"^error: out of memory: lower --window-tokens, --max-new-tokens, --sink-tokens, "
+                          r"--local-blocks, --block-tokens, or shorten the prompt; or use --dtype bfloat16$")
+
+
 def test_out_of_gpu_memory_message():
     """No GPU here to exhaust: the message torch.OutOfMemoryError gets, checked directly."""
     assert memory_advice(gpu=True, method="parallelcomp") == (
@@ -262,6 +362,22 @@ def test_ctrl_c_keeps_the_text_so_far_and_exits_130(tmp_path):
     assert p.returncode == 130
     n = int(re.fullmatch(r"interrupted after (\d+) tokens\n", err)[1])
     assert 1 <= n < 20000 and text.strip() and text.endswith("\n")
+
+
+@pytest.mark.parametrize("entry", [["engine.py"], ["-c", "import sys; from cli import main; sys.exit(main())"]])
+def test_ctrl_c_while_torch_loads_is_one_line(entry, tmp_path):
+    """SIGINT once torch's libraries are being mapped, seconds before its import ends, through
+    `python engine.py` and through what the console script runs. Before, a KeyboardInterrupt
+    traceback from the import (engine.main's handler was not yet there) and death by the signal."""
+    prompt = write(tmp_path / "p.txt", STORY)
+    p = subprocess.Popen([sys.executable, *entry, "--prompt", prompt, *MODEL], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=ENV, preexec_fn=ctrl_c_enabled)
+    maps, deadline = Path(f"/proc/{p.pid}/maps"), time.monotonic() + 60
+    while "libtorch" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, out, err.decode()) == (130, b"", "interrupted\n")
 
 
 def test_ctrl_c_with_json_prints_the_partial_answer(tmp_path, capsys):
@@ -349,3 +465,112 @@ def test_summary_on_stderr_and_quiet(tmp_path, capsys):
     assert re.fullmatch(r"\[full\] prompt 13 tokens, prefill .* s, decode 8 tokens at .* tok/s, peak memory .* GiB\n",
                         err)
     assert run(capsys, "--prompt", prompt, *MODEL, "--max-new-tokens", 8, "--quiet") == (0, out, "")
+
+
+# ---------------------------------------------------------------------------- methods on the command line
+
+def json_run(capsys, *args):
+    code, out, err = run(capsys, *args, "--json")
+    assert (code, err) == (0, ""), err
+    return json.loads(out)
+
+
+LAYOUT = {"full_layers": [2, 2], "pattern": "window", "sink_tokens": 4, "window_tokens": 28}
+PER_ENTRY = 2 * 4 * 8 * 4  # stories260K: K and V of 4 KV heads of size 8, float32
+
+
+@pytest.mark.parametrize("flags, live", [
+    ((), 4 + 28),  # auto runs the method the checkpoint was trained for
+    (("--method", "hybrid"), 4 + 28),  # with the checkpoint's layout
+    (("--method", "hybrid", "--window-tokens", "20"), 4 + 20),  # the flag merged over the layout
+    (("--window-tokens", "20"), 4 + 20),  # under auto too
+])
+def test_a_hybrid_checkpoint_runs_its_layout(flags, live, tmp_path, capsys):
+    """A checkpoint whose config.json has a hybrid layout (one full layer, four sparse): its cache
+    holds every token in the full layer and sink + window ones in each sparse layer, as worked out
+    here. Before, auto exited 1 ("--config for method hybrid must be a HybridConfig") and --method
+    hybrid took the default layout (two full layers, a 1984-token window)."""
+    prompt = write(tmp_path / "p.txt", STORY * 30)
+    model = checkpoint(tmp_path, config={"hybrid_attention": LAYOUT})
+    result = json_run(capsys, "--prompt", prompt, "--model", model, "--device", "cpu", "--max-new-tokens", 4, *flags)
+    n = result["prompt_tokens"]
+    assert result["method"] == "hybrid" and n > 4 + 28
+    assert result["kv_bytes"] == (n + 4 * live) * PER_ENTRY and result["full_kv_bytes"] == 5 * n * PER_ENTRY
+
+
+def test_an_option_of_a_method_auto_does_not_run_here(tmp_path, capsys):
+    prompt = write(tmp_path / "p.txt", STORY)
+    assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, "--window-tokens", 20),
+                          r"^error: --window-tokens is an option of method hybrid, not auto \(full or parallelcomp "
+                          r"here\)$")
+
+
+def no_bos(tmp_path):
+    """A copy of stories260K whose tokenizer adds no BOS, as the default model's."""
+    model = checkpoint(tmp_path)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    write(model / "tokenizer_config.json", json.dumps({**config, "add_bos_token": False}))
+    return model
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_empty_document_with_a_question(method, tmp_path, capsys):
+    """The question alone is the prompt, as in the Python API: the float64 greedy tokens after it,
+    whatever the method. Before, the command line refused the empty file and the API failed in
+    InfiniPot's embedding and in ParallelComp's scoring of its empty chunk."""
+    model, prompt = no_bos(tmp_path), write(tmp_path / "p.txt", "")
+    flags = ["--retaining-heads", stories_heads(tmp_path)] if method == "locret" else []
+    result = json_run(capsys, "--prompt", prompt, "--question", "What is it?", "--model", model, "--device", "cpu",
+                      "--method", method, "--max-new-tokens", 6, *flags)
+    ids = Tokenizer.from_dir(model).encode("\n\nWhat is it?")
+    w, cfg = load_float64(STORIES)
+    if method == "yarn":  # full attention under YaRN, factor 4 (its default) over the 512-token window
+        cfg = {**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}}
+    assert result["prompt_tokens"] == len(ids)
+    assert result["tokens"] == ref_greedy(w, cfg, ids, 6, eos=2)
+
+
+HEADS_FILES = {  # before, these ended in tracebacks from torch.load's unpickler (IndexError, KeyError: 101)
+    "text": ("heads.txt", b"retaining heads\nfor every layer\n"),
+    "csv": ("heads.csv", b"layer,fc1,fc2\n0,1,2\n"),
+    "empty bin": ("heads.bin", b""),
+    "bin of other bytes": ("heads.bin", b"eeeeeeee"),
+}
+
+
+@pytest.mark.parametrize("case", HEADS_FILES)
+def test_a_heads_file_that_is_not_heads(case, tmp_path, capsys):
+    name, data = HEADS_FILES[case]
+    heads = write(tmp_path / name, data)
+    prompt = write(tmp_path / "p.txt", SENTENCE * 30)
+    assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, "--method", "locret", "--retaining-heads", heads),
+                          rf"^error: \S+{re.escape(name)}: not a readable heads file \(\w+(: .*)?\)$")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--method", "infinipot", "--pot-tokens", "100", "--pot-keep", "100"),
+     r"^error: --pot-keep must be below --pot-tokens \(100\)$"),
+    (("--method", "locret", "--budget", "100", "--stabilizers", "100"),
+     r"^error: --stabilizers must be at least 0 and below --budget \(100\)$"),
+    (("--method", "locret", "--budget", "256"),  # the tail and the answer would reach position 611 of 512
+     r"^error: --budget \(256\) \+ the prompt's last 100 tokens \+ --max-new-tokens \(256\) must fit in the "
+     r"model's 512-token window$"),
+    (("--method", "locret", "--max-new-tokens", "420"),
+     r"^error: the prompt's last 100 tokens and --max-new-tokens \(420\) leave no room for a cache in the model's "
+     r"512-token window$"),
+])
+def test_messages_name_every_option_by_its_flag(flags, message, tmp_path, capsys):
+    prompt = write(tmp_path / "p.txt", SENTENCE * 40)
+    heads = ["--retaining-heads", stories_heads(tmp_path)] if "locret" in flags else []
+    assert_one_line_error(*run(capsys, "--prompt", prompt, *MODEL, *flags, *heads), message)
+
+
+def test_the_question_is_laid_out_the_same_given_or_taken_from_the_document(tmp_path, capsys):
+    """--question Q after a document, and the same document ending with the paragraph Q: the
+    same prompt, chunks and answer."""
+    question = "Where did the dog run with the ball?"
+    asked = (*MODEL, "--method", "parallelcomp", "--chunk-tokens", 150, "--top-k-chunks", 1, "--max-new-tokens", 4)
+    given = json_run(capsys, "--prompt", write(tmp_path / "a.txt", SENTENCE * 30), "--question", question, *asked)
+    taken = json_run(capsys, "--prompt", write(tmp_path / "b.txt", SENTENCE * 30 + "\n\n" + question), *asked)
+    for key in ("prompt_tokens", "chunks", "kept_spans", "tokens"):
+        assert given[key] == taken[key], key

@@ -1,4 +1,4 @@
-"""distributed.py: ParallelComp over two CPU processes (gloo) against one process and the float64
+"""distributed.py (and ranks.py): ParallelComp over two CPU processes (gloo) against one process and the float64
 reference forward (tests/reference.py).
 
 stories260K and the 4-chunk setup of test_parallelcomp.py (607 context tokens, chunk_tokens=152).
@@ -10,6 +10,7 @@ command line runs under torchrun in subprocesses.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,11 +24,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import distributed
-from conftest import BOOKS, STORIES
+from conftest import BOOKS, STORIES, stories_heads
 from decoding import SamplingParams, decode
+from distributed import attention_lse
 from parallelcomp import Calibration, ChunkEncoder, ParallelCompConfig, chunk_spans
-from model import attention_lse, merge_lse
+from attention import merge_lse
 from prefill import Prompt
+from ranks import decoded
 from reference import load_float64, ref_forward, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +74,7 @@ def run(model, prompt, config):
             out["own_tokens"] = decode(model, p, SamplingParams().sampler("cpu"), STEPS, {2}, False, lambda t: None)[0]
             out.update(k=p.cache.k.clone(), v=p.cache.v.clone(), lens=p.cache.lens.clone())  # 7 decoded tokens in
             return out["own_tokens"]
-        out["tokens"] = distributed.decoded(p, own_decode)
+        out["tokens"] = decoded(p, own_decode)
     return out
 
 
@@ -80,7 +83,7 @@ class FailingModel:
 
     def __init__(self, model, fail):
         self.model, self.fail, self.config, self.logits = model, fail, model.config, model.logits
-        self.device, self.dtype, self.prefill_bytes_per_token = model.device, model.dtype, model.prefill_bytes_per_token
+        self.device, self.dtype = model.device, model.dtype
 
     def __call__(self, tokens, positions, attend, observe=None):
         return self.model(tokens, positions, self.fail(attend, tokens), observe)
@@ -127,7 +130,7 @@ def worker(rank, rendezvous, folder):
                 used = FailingModel(model, fail) if rank == failing else model
                 p = distributed.prefill(used, prompt, config, STEPS)
                 if decodes:
-                    distributed.decoded(p, lambda: decode(used, p, SamplingParams().sampler("cpu"), STEPS, {2}, False,
+                    decoded(p, lambda: decode(used, p, SamplingParams().sampler("cpu"), STEPS, {2}, False,
                                                           lambda t: None))
             results["failures"][name] = None
         except Exception as e:
@@ -186,7 +189,7 @@ def test_partial_attentions_merge_to_one_softmax(monkeypatch):
     """attention_lse over three disjoint key sets (one empty, one hidden from some rows per KV
     head) merged by merge_lse equals a float64 softmax over the visible keys, row by row, in
     blocks of query rows too."""
-    monkeypatch.setattr("model.LSE_BLOCK", 2 * 8 * 18)  # blocks of 3 query rows over 12 keys, 2 over 18
+    monkeypatch.setattr("distributed.LSE_BLOCK", 2 * 8 * 18)  # blocks of 3 query rows over 12 keys, 2 over 18
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, t, 16, generator=g) for h, t in ((8, 5), (2, 30), (2, 30)))
     visible = torch.rand(1, 2, 5, 30, generator=g) > 0.3  # (1, H_kv, Tq, Tk)
@@ -378,3 +381,45 @@ def test_torchrun_mismatched_launch_is_one_line(tmp_path, args, message):
     result = cli(tmp_path, *args, characters=400)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith(message) and result.stderr.count("error: ") == 1
+
+
+# torchrun reports any process's non-zero exit: a log line ("E1207 05:04:12.528000 23470 torch/...") and
+# its own traceback, ChildFailedError; a status says a request failed, so the report follows a user's mistake
+TORCHRUN_LOG = re.compile(r"[IWE]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ torch/distributed/")
+
+
+def garbage_heads(tmp_path):
+    (tmp_path / "heads.bin").write_bytes(b"eeeeeeee")
+    return str(tmp_path / "heads.bin")
+
+
+USER_ERRORS = {  # before, the heads file gave 131 lines of tracebacks from both ranks
+    "heads file": (lambda tmp: ("--method", "locret", "--retaining-heads", garbage_heads(tmp)),
+                   r"^error: \S+heads.bin: not a readable heads file \(", 1),
+    "option value": (lambda tmp: ("--top-p", "5"), r"^error: --top-p must be in \(0, 1\]$", 1),
+    "unknown option": (lambda tmp: ("--top-q", "5"), r"^error: unrecognized arguments: --top-q 5 \(see --help\)$", 2),
+    "missing prompt": (lambda tmp: ("--prompt", str(tmp / "nowhere.txt")),
+                       r"^error: the prompt file \S+nowhere.txt does not exist$", 1),
+}
+
+
+@pytest.mark.parametrize("case", USER_ERRORS)
+def test_torchrun_user_error_is_one_line_from_rank_0(tmp_path, case):
+    """A mistake of the user under torchrun: rank 0's line, then only torchrun's report of the
+    exit, every rank with the same status and no traceback from any rank."""
+    args, message, status = USER_ERRORS[case]
+    result = cli(tmp_path, *args(tmp_path), characters=400)
+    first, *report = result.stderr.splitlines()
+    assert result.returncode == 1 and result.stdout == "" and re.search(message, first), result.stderr
+    assert not report or TORCHRUN_LOG.match(report[0]), result.stderr
+    assert result.stderr.count("error: ") == 1 and f'File "{ROOT}' not in result.stderr
+    assert set(re.findall(r"exitcode +: (-?\d+)", result.stderr)) <= {str(status), "-15"}  # -15: torchrun's SIGTERM
+
+
+def test_torchrun_a_method_that_does_not_divide_its_work_says_so_once(tmp_path):
+    """Locret runs whole in each process: one note, from rank 0, before the summary."""
+    result = cli(tmp_path, "--method", "locret", "--retaining-heads", str(stories_heads(tmp_path)), characters=400)
+    assert result.returncode == 0, result.stderr
+    note, summary = result.stderr.splitlines()
+    assert note == "note: locret runs whole in each of the 2 processes (only parallelcomp divides its work among them)"
+    assert summary.startswith("[locret] prompt ")

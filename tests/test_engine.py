@@ -18,8 +18,11 @@ from conftest import BOOKS, REPO, STORIES
 from checkpoint import CheckpointError
 from engine import Engine, EngineError
 from infinipot import InfiniPotConfig
+from locret import LocretConfig, random_heads
+from methods import METHODS
 from parallelcomp import ParallelCompConfig, chunk_spans
 from prefill import OptionError, Prompt
+from reference import load_float64, ref_greedy
 
 WINDOW = 512
 STORY = "Once upon a time there was a little cat."
@@ -64,6 +67,16 @@ def paragraphs():
     (dict(method="nosuch"), "unknown method 'nosuch' (choose from auto, parallelcomp, full, "),
     (dict(method="full", config=ParallelCompConfig()),
      "config for method full must be a BaselineConfig, not ParallelCompConfig"),
+    (dict(config=InfiniPotConfig()),
+     "config for method auto (full or parallelcomp here) must be a BaselineConfig or ParallelCompConfig, not "
+     "InfiniPotConfig"),
+    (dict(method="full", options={"parallelcomp": {"top_k_chunks": 1}}),
+     "top_k_chunks is an option of method parallelcomp, not full"),
+    (dict(options={"parallelcomp": {"top_k_chunks": 0}}), "top_k_chunks must be at least 1"),  # checked, used or not
+    (dict(method="infinipot", config=InfiniPotConfig(pot_tokens=100, pot_keep=100)),
+     "pot_keep must be below pot_tokens (100)"),
+    (dict(method="infinipot", options={"infinipot": {"pot_tokens": 100, "pot_keep": 100}}),
+     "pot_keep must be below pot_tokens (100)"),
 ])
 def test_api_errors_name_parameters(engine, kwargs, message):
     with pytest.raises(OptionError) as e:
@@ -77,13 +90,52 @@ def test_an_empty_prompt_is_an_engine_error(engine):
         engine.generate(" \n\n ", max_new_tokens=2)
 
 
+def without_bos(tmp_path):
+    """A copy of stories260K whose tokenizer adds no BOS, as the default model's: a document of no
+    tokens is then an empty stream."""
+    path = tmp_path / "stories260K"
+    shutil.copytree(STORIES, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bosless(tmp_path_factory):
+    return Engine(without_bos(tmp_path_factory.mktemp("bosless")), "cpu")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_empty_document_with_a_question_for_every_method(bosless, method):
+    """The question alone is the prompt, which every method encodes as full attention would: the
+    float64 greedy tokens after it. Before, InfiniPot failed in the embedding (an empty stream
+    became a float tensor) and ParallelComp scored its empty chunk on rows that do not exist."""
+    ids = bosless.tokenizer.encode("What is it?")
+    config = LocretConfig(retaining_heads=random_heads(bosless.model.config, 16)) if method == "locret" else None
+    out = bosless.generate("", "What is it?", method=method, config=config, max_new_tokens=6)
+    assert out.stats["prompt_tokens"] == len(ids)
+    assert out.tokens == ref_greedy(*load_float64(STORIES), ids, 6, eos=2)
+
+
 # ---------------------------------------------------------------------------- auto and configs
 
 def test_auto_chooses_by_the_window(engine, paragraphs):
     short, long = STORY, "\n\n".join(paragraphs[:3])  # 13 and 874 tokens with BOS
-    assert engine.plan(short, "\n\nWho?", None, False, "auto", 400)[0] == "full"
-    assert engine.plan(long, "\n\nWho?", None, False, "auto", 16)[0] == "parallelcomp"
-    assert engine.plan(short, None, None, False, "full", 16)[0] == "full"
+    assert engine.plan(short, "\n\nWho?", max_new_tokens=400).method == "full"
+    assert engine.plan(long, "\n\nWho?", max_new_tokens=16).method == "parallelcomp"
+    assert engine.plan(short, method="full", max_new_tokens=16).method == "full"
+
+
+def test_the_question_is_laid_out_the_same_given_or_taken_from_the_document(engine, paragraphs):
+    """A document without a question is asked its last paragraph after the blank line that
+    precedes it, as the command line asks a --question (QUESTION_SEPARATOR): the same tokens, the
+    same chunk kept. Before, the paragraph lost its blank line (3 tokens fewer here)."""
+    body, question = "\n\n".join(paragraphs[:5]), paragraphs[5].split(". ")[0] + "."
+    config = ParallelCompConfig(chunk_tokens=300, top_k_chunks=1)
+    taken = engine.generate(body + "\n\n" + question, method="parallelcomp", config=config, max_new_tokens=4)
+    given = engine.generate(body, "\n\n" + question, method="parallelcomp", config=config, max_new_tokens=4)
+    assert taken.stats["prompt_tokens"] == given.stats["prompt_tokens"]
+    assert taken.stats["kept_spans"] == given.stats["kept_spans"] and taken.tokens == given.tokens
 
 
 def test_auto_applies_a_parallelcomp_config_only_when_it_chooses_parallelcomp(engine, paragraphs):
@@ -115,14 +167,16 @@ def test_chat_without_a_question_ranks_by_the_last_paragraph(chat_engine, paragr
     last = paragraphs[3].split(". ")[1] + "."
     document = "\n\n".join(paragraphs[:6]) + "\n\n" + last
     for method in ("auto", "parallelcomp"):
-        chosen, prompt, asked = chat_engine.plan(document, None, None, True, method, 8)
-        assert (chosen, asked) == ("parallelcomp", False)
+        plan = chat_engine.plan(document, chat=True, method=method, max_new_tokens=8)
+        prompt = plan.prompt
+        assert plan.method == "parallelcomp"
         assert prompt.head == [1] + tok.encode("<|im_start|>user\n")
         assert prompt.context == tok.encode("\n\n".join(paragraphs[:6]))
-        assert prompt.question == tok.encode(last) + [2] + tok.encode("\n<|im_start|>assistant\n")
+        # after a blank line, as the command line asks a question it is given
+        assert prompt.question == tok.encode("\n\n" + last) + [2] + tok.encode("\n<|im_start|>assistant\n")
         assert prompt.eos_ids == frozenset({2})
-    chosen, prompt, _ = chat_engine.plan(document, None, None, True, "full", 8)  # full ranks nothing
-    assert chosen == "full" and prompt.question == tok.encode(TURN_END)
+    plan = chat_engine.plan(document, chat=True, method="full", max_new_tokens=8)  # full ranks nothing
+    assert plan.method == "full" and plan.prompt.question == tok.encode(TURN_END)
 
 
 def question_nll(model, prompt, span):
@@ -144,7 +198,7 @@ def test_chat_without_a_question_end_to_end(chat_engine, paragraphs):
     document = "\n\n".join(paragraphs[:6]) + "\n\n" + last
     head, context = [1] + tok.encode("<|im_start|>user\n"), tok.encode("\n\n".join(paragraphs[:6]))
     spans = chunk_spans(len(context), 300)
-    by_paragraph = Prompt(head, context, tok.encode(last + TURN_END), 1, frozenset({2}))
+    by_paragraph = Prompt(head, context, tok.encode("\n\n" + last + TURN_END), 1, frozenset({2}))
     by_template = Prompt(head, context, tok.encode(TURN_END), 1, frozenset({2}))
     nll = [question_nll(chat_engine.model, by_paragraph, s) for s in spans]
     best = min(range(len(spans)), key=lambda j: nll[j])
@@ -163,14 +217,14 @@ def test_auto_without_a_question_uses_full_attention_when_the_last_paragraph_lea
     tok = engine.tokenizer
     instruction, last = paragraphs[1], paragraphs[3].split(". ")[1] + "."
     document = "\n\n".join([paragraphs[0], paragraphs[2], paragraphs[4], last])
-    head, q = 1 + len(tok.encode(instruction)), 1 + len(tok.encode(last))  # BOS + text each
-    assert (head, q) == (399, 99) and len(tok.encode(document)) > WINDOW
-    no_room = WINDOW - head - q  # 14
-    chosen, prompt, asked = engine.plan(document, None, instruction, False, "auto", no_room)
-    assert (chosen, asked) == ("full", False)
-    assert prompt.ids() == [1] + tok.encode(instruction) + tok.encode(document)  # the whole prompt, unsplit
-    chosen, prompt, _ = engine.plan(document, None, instruction, False, "auto", no_room - 1)  # one token of room
-    assert chosen == "parallelcomp" and prompt.question == [1] + tok.encode(last)
+    head, q = 1 + len(tok.encode(instruction)), 1 + len(tok.encode("\n\n" + last))  # BOS + text each
+    assert (head, q) == (399, 102) and len(tok.encode(document)) > WINDOW
+    no_room = WINDOW - head - q  # 11
+    plan = engine.plan(document, instruction=instruction, max_new_tokens=no_room)
+    assert plan.method == "full"
+    assert plan.prompt.ids() == [1] + tok.encode(instruction) + tok.encode(document)  # the whole prompt, unsplit
+    plan = engine.plan(document, instruction=instruction, max_new_tokens=no_room - 1)  # one token of room
+    assert plan.method == "parallelcomp" and plan.prompt.question == [1] + tok.encode("\n\n" + last)
     out = engine.generate(document, instruction=instruction, max_new_tokens=no_room)
     assert out.stats["method"] == "full" and out.stats["prompt_tokens"] == head + len(tok.encode(document))
 

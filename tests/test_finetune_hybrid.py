@@ -105,7 +105,7 @@ def test_smoke_run_writes_a_checkpoint_the_engine_runs_hybrid(tmp_path):
     assert "held-out perplexity after 2 steps: short (512 tokens)" in run.stdout
     assert json.loads((out / "config.json").read_text())["rope_theta"] == 20000
     engine = Engine(out, "cpu")
-    assert engine.hybrid_layout == HybridConfig(sink_tokens=4, window_tokens=60, full_layers=(1, 2))
+    assert engine.checkpoint_configs == {"hybrid": HybridConfig(sink_tokens=4, window_tokens=60, full_layers=(1, 2))}
     assert engine.model.config.rope_theta == 20000
     generation = engine.generate("Once upon a time, there was a little girl named Lily.", max_new_tokens=4)
     assert generation.stats["method"] == "hybrid"

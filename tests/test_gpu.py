@@ -1,4 +1,7 @@
-"""GPU paths: bf16 SmolLM2 against the float32 golden tokens, CUDA-graph decode against eager decode.
+"""GPU paths: bf16 SmolLM2 against the float32 golden tokens, CUDA-graph decode against eager decode;
+the same for Qwen2.5-Coder-1.5B's shape (q/k/v biases, heads of 128, 12 over 2 KV heads, an untied
+head) with random weights, and for the real checkpoint where it was converted on this machine
+(`python -m weights qwen2.5-1.5b`, or tools/ship_model.py join).
 
 Skipped on machines without CUDA (CI); run on the GPU machine with `python -m pytest tests/test_gpu.py`.
 """
@@ -10,13 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-import model
-from conftest import REPO
+import attention
+from baselines import BaselineConfig, YarnConfig
+from checkpoint import load_model
+from conftest import QWEN25, REPO, needs_qwen25
+from decoding import SamplingParams, decode
 from engine import Engine
 from hybrid import HybridConfig
 from locret import LocretConfig, RetainingHeads
 from methods import METHODS
+from model import ModelConfig, build_model
 from parallelcomp import Calibration, ParallelCompConfig
+from prefill import Prompt
 
 sys.path.insert(0, str(REPO / "eval"))
 from passkey import INSTRUCTION, QUESTION, passkey_document  # noqa: E402
@@ -87,9 +95,9 @@ def test_graph_decode_equals_eager_decode(engine, method):
     ("flash-attn-4", 32, 8, 128, 0), ("flash-attn-4", 32, 8, 128, 3000), ("flash-attn-4", 9, 3, 64, 5000)])
 def test_prefill_attention_kernels_equal_sdpa(kernel, H, H_kv, D, before):
     """The fast prefill paths (two cuDNN calls merged by log-sum-exp after a cache; flash-attn-4,
-    which model.attention takes when it is installed) against SDPA's bottom-right causal mask in
+    which attention.attention takes when it is installed) against SDPA's bottom-right causal mask in
     float32, on 1,000 bf16 queries."""
-    if kernel == "flash-attn-4" and model.flash_attn_func is None:
+    if kernel == "flash-attn-4" and attention.flash_attn_func is None:
         pytest.skip("flash-attn-4 is not installed")
     gen = torch.Generator("cuda").manual_seed(before)
     q = torch.randn(1, H, 1000, D, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -97,5 +105,83 @@ def test_prefill_attention_kernels_equal_sdpa(kernel, H, H_kv, D, before):
             for _ in range(2))
     mask = causal_lower_right(1000, before + 1000)
     expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
-    fast = model.causal_after_cache if kernel == "cudnn" else model.attention
+    fast = attention.causal_after_cache if kernel == "cudnn" else attention.attention
     assert (fast(q, k, v).float() - expected).abs().max() <= 1e-2
+
+
+# ---------------------------------------------------------------------------- Qwen2.5-Coder-1.5B
+
+QWEN25_SHAPE = ModelConfig(vocab_size=151936, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, head_dim=128,
+                           ffn_dim=8960, norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
+                           max_position_embeddings=32768, tie_word_embeddings=False, attention_bias=True,
+                           output_bias=False)
+QWEN_CONFIGS = {"full": BaselineConfig(), "yarn": YarnConfig(), "streaming": BaselineConfig(),
+                "parallelcomp": ParallelCompConfig(chunk_tokens=3000, top_k_chunks=2)}
+QWEN_QUESTION = ("Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring, "
+                 "type hints and a check that n is a non-negative integer.")
+
+
+@pytest.fixture(scope="module")
+def qwen_shaped():
+    """Random bf16 weights (biases too) in Qwen2.5-Coder-1.5B's shape."""
+    qwen = build_model(QWEN25_SHAPE, "cuda", torch.bfloat16)
+    gen = torch.Generator("cuda").manual_seed(0)
+    for param in qwen.parameters():
+        param.normal_(0, 0.02, generator=gen)
+    return qwen
+
+
+def greedy_and_sampled(qwen, method, prompt, steps, cuda_graph):
+    """The tokens of greedy and of seeded sampling after `method`'s prefill, decoded on the model
+    the prefill hands on (yarn's view)."""
+    runs = []
+    for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.95, top_k=50, seed=7)):
+        with torch.inference_mode():
+            prefilled = METHODS[method].prefill(qwen, prompt, QWEN_CONFIGS[method], steps)
+            runs.append(decode(prefilled.model or qwen, prefilled, sampling.sampler("cuda"), steps, set(), cuda_graph,
+                               lambda token: None)[0])
+    return runs
+
+
+@pytest.mark.parametrize("method", QWEN_CONFIGS)
+def test_qwen_shape_graph_decode_equals_eager_decode(qwen_shaped, method):
+    """The fused decode layers with q/k/v biases and heads of 128, YaRN's scaled cos/sin among them,
+    captured in a CUDA graph: the same tokens as the eager step, after a 12,000-token prompt."""
+    ids = torch.randint(0, 151643, (12000,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompt = Prompt([], ids[:-32], ids[-32:])
+    graph = greedy_and_sampled(qwen_shaped, method, prompt, 100, cuda_graph=True)
+    assert graph == greedy_and_sampled(qwen_shaped, method, prompt, 100, cuda_graph=False)
+    assert all(len(tokens) == 100 for tokens in graph)
+
+
+@pytest.fixture(scope="module")
+def qwen_engine():
+    if not QWEN25.is_dir():
+        pytest.skip(f"{QWEN25} is absent (python -m weights qwen2.5-1.5b)")
+    return Engine(QWEN25, "cuda", torch.bfloat16)
+
+
+@needs_qwen25
+def test_qwen_bf16_greedy_equals_float32_until_a_near_tie(qwen_engine):
+    """The chat prompt of tools/compare_transformers.py: bf16 greedy tokens equal float32's up to the
+    first step whose two best float32 logits are closer than NEAR_TIE. On the CPU in float32 the 32
+    steps have none (the smallest margin: 0.196, at step 3)."""
+    fp32 = load_model(QWEN25, "cuda", torch.float32)
+    prompt = qwen_engine.layout("", QWEN_QUESTION, chat=True)
+    with torch.inference_mode():
+        prefilled = METHODS["full"].prefill(fp32, prompt, BaselineConfig(), 32)
+        expected, _ = decode(fp32, prefilled, SamplingParams().sampler("cuda"), 32, set(), True, lambda token: None)
+    margins = float32_margins(fp32, prompt.ids(), expected)
+    until = next((i for i, margin in enumerate(margins) if margin < NEAR_TIE), len(expected))
+    out = qwen_engine.generate("", QWEN_QUESTION, chat=True, max_new_tokens=32)
+    assert until == 32 and out.tokens[:until] == expected[:until]
+
+
+@needs_qwen25
+@pytest.mark.parametrize("method", ["full", "yarn", "parallelcomp"])
+def test_qwen_graph_decode_equals_eager_decode(qwen_engine, method):
+    document = passkey_document(qwen_engine.tokenizer, 12000, 0.4, "73019")
+    kwargs = dict(instruction=INSTRUCTION, method=method, max_new_tokens=64, config=QWEN_CONFIGS[method])
+    graph = qwen_engine.generate(document, QUESTION, cuda_graph=True, **kwargs)
+    eager = qwen_engine.generate(document, QUESTION, cuda_graph=False, **kwargs)
+    assert graph.tokens == eager.tokens and len(graph.tokens) > 1

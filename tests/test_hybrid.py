@@ -187,16 +187,33 @@ def test_config_validation_and_parsing():
 
 
 def test_layout_from_config():
-    assert layout_from_config({"hidden_size": 64}) is None
+    c = ModelConfig(512, 64, 30, 8, 4, 8, 172, 1e-5, 1e4, None, 512, True, False, False)  # 30 layers
+    assert layout_from_config({"hidden_size": 64}, c) is None
     spec = {"full_layers": [10, 19], "pattern": "window", "sink_tokens": 64, "window_tokens": 1984}
-    assert layout_from_config({"hybrid_attention": spec}) == HybridConfig(full_layers=(10, 19))
+    assert layout_from_config({"hybrid_attention": spec}, c) == HybridConfig(full_layers=(10, 19))
     block = {"pattern": "block", "block_tokens": 32, "local_blocks": 8, "vert_stride": 4}
-    assert layout_from_config({"hybrid_attention": block}) == HybridConfig("block", block_tokens=32, local_blocks=8,
-                                                                            vert_stride=4)
+    assert layout_from_config({"hybrid_attention": block}, c) == HybridConfig("block", block_tokens=32, local_blocks=8,
+                                                                               vert_stride=4)
     for bad in ([1, 2], {"sink": 64}, {"sink_tokens": "64"}, {"full_layers": [10]}, {"full_layers": [1.0, 2]},
                 {"pattern": 3}):
         with pytest.raises(ValueError):
-            layout_from_config({"hybrid_attention": bad})
+            layout_from_config({"hybrid_attention": bad}, c)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"window_tokens": 0}, "hybrid_attention.window_tokens must be at least 1"),
+    ({"pattern": "block", "block_tokens": 0}, "hybrid_attention.block_tokens must be at least 1"),
+    ({"full_layers": [3, 1]}, "hybrid_attention.full_layers must have 0 <= first <= last < 30"),
+    ({"full_layers": [10, 30]}, "hybrid_attention.full_layers must have 0 <= first <= last < 30"),
+])
+def test_a_layout_that_does_not_fit_the_model_is_refused_naming_its_key(bad, message):
+    """A layout the config.json of a 30-layer checkpoint gives is checked as HybridConfig.validate
+    checks the command line's: before 6d6fb5c, window 0 and block 0 ended in ZeroDivisionError
+    and [3, 1] made every layer sparse."""
+    c = ModelConfig(512, 64, 30, 8, 4, 8, 172, 1e-5, 1e4, None, 512, True, False, False)
+    with pytest.raises(ValueError) as e:
+        layout_from_config({"hybrid_attention": bad}, c)
+    assert str(e.value) == message
 
 
 # ---------------------------------------------------------------------------- 512K positions

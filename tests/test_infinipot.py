@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import infinipot
+from compaction import RawKeyCache
 from conftest import BOOKS, Stories
 from infinipot import InfiniPotConfig
-from model import KVCache
 from prefill import OptionError, Prompt, causal_prefill
 from reference import ref_forward, ref_rotations, rel_err
 
@@ -140,7 +140,7 @@ class Distilled:
         self.raw64 = [torch.einsum("tji,thj->thi", self.rot, r["k"]) for r in self.record]  # rot[t]ᵀ undoes it
         self.cap64 = reference_cap(setup, self.record, self.catalyst)
 
-        self.cache = cache = KVCache(model.config, 1, M + 64, "cpu", torch.float32, raw_keys=True)
+        self.cache = cache = RawKeyCache(model.config, 1, M + 64, "cpu", torch.float32)
         nll = torch.empty(model.config.n_layers, model.config.n_kv_heads, M)
         catalyst = torch.tensor(self.catalyst)
         with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
@@ -281,7 +281,7 @@ def test_bad_options_validate(setup, fields, param):
 @pytest.mark.parametrize("fields, answer_budget, question, param", [
     (dict(pot_tokens=480), 20, None, "pot_tokens"),  # + the 35-token catalyst > 512
     (dict(pot_tokens=400), 120, None, "pot_tokens"),  # + question + answer > 512
-    (dict(), 505, None, "pot_tokens"),  # the question and the answer leave no pot
+    (dict(), 505, None, "max_new_tokens"),  # the question and the answer leave no pot
     (dict(pot_keep=490), 20, None, "pot_keep"),  # the default pot is smaller
     (dict(catalyst="question"), 20, [1], "catalyst"),  # no question to catalyse
 ])

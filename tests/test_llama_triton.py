@@ -8,10 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attention
 import model
+import rope
 from checkpoint import load_model
 from reference import ref_forward, ref_rmsnorm, rel_err
-from test_model import CONFIGS, Case, usable_length
+from conftest import hf_config, random_tensors, write_checkpoint
+from test_model import CONFIGS, YARN, Case, usable_length
 
 kernels = pytest.importorskip("llama_triton") if torch.cuda.is_available() else None
 pytestmark = pytest.mark.skipif(kernels is None, reason="needs a CUDA GPU and Triton")
@@ -39,29 +42,31 @@ def test_rotary(dtype, B, T, H, Hkv, D):
     qkv = torch.randn(B, T, (H + 2 * Hkv) * D, device="cuda", dtype=dtype)
     angles = torch.rand(B, 1, T, D // 2, device="cuda") * 1000
     q, k = kernels.rotary(qkv, angles.cos(), angles.sin(), H, Hkv, D)
-    q_ref = model.apply_rope(qkv[..., :H * D].view(B, T, H, D).transpose(1, 2), angles.cos(), angles.sin())
-    k_ref = model.apply_rope(qkv[..., H * D:(H + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2), angles.cos(), angles.sin())
+    q_ref = rope.apply_rope(qkv[..., :H * D].view(B, T, H, D).transpose(1, 2), angles.cos(), angles.sin())
+    k_ref = rope.apply_rope(qkv[..., H * D:(H + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2), angles.cos(), angles.sin())
     assert q.shape == q_ref.shape and k.shape == k_ref.shape
     assert rel_err(q, q_ref) <= TOL[dtype] and rel_err(k, k_ref) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H, Hkv, D, dim, bias", [(32, 8, 128, 4096, False), (9, 3, 64, 576, True),
-                                                  (4, 2, 16, 1000, True)])
-def test_norm_rotary_gemv(dtype, H, Hkv, D, dim, bias):
-    """One token's q/k/v: RMSNorm, projection (+ bias) and RoPE of the q and k heads, against float64."""
+                                                  (4, 2, 16, 1000, True), (12, 2, 128, 1536, True)])
+@pytest.mark.parametrize("temperature", [1.0, 1.1386])  # YaRN's at factor 4 scales cos and sin
+def test_norm_rotary_gemv(dtype, H, Hkv, D, dim, bias, temperature):
+    """One token's q/k/v: RMSNorm, projection (+ bias) and RoPE of the q and k heads by cos/sin as
+    the forward gives them (scaled by YaRN's temperature), against float64; v is neither rotated nor scaled."""
     N = (H + 2 * Hkv) * D
     x = torch.randn(1, 1, dim, device="cuda") * 3
     norm = torch.empty(dim, device="cuda", dtype=dtype).normal_(1, 0.2)
     weight = (torch.randn(N, dim, device="cuda") / dim ** 0.5).to(dtype)
     b = torch.randn(N, device="cuda", dtype=dtype) if bias else None
     angles = torch.rand(D // 2, device="cuda", dtype=torch.float64) * 1000
-    cos, sin = angles.cos().float(), angles.sin().float()
+    cos, sin = (angles.cos() * temperature).float(), (angles.sin() * temperature).float()
     y = (ref_rmsnorm(x.double(), norm.double(), 1e-5) @ weight.double().t()).view(-1, D)
     if bias:
         y += b.double().view(-1, D)
     y1, y2 = y[:H + Hkv].chunk(2, dim=-1)
-    c, s = angles.cos(), angles.sin()
+    c, s = angles.cos() * temperature, angles.sin() * temperature
     expected = torch.cat([torch.cat([y1 * c - y2 * s, y2 * c + y1 * s], dim=-1), y[H + Hkv:]]).view(1, 1, N)
     out = kernels.norm_rotary_gemv(x, norm, 1e-5, weight, b, cos, sin, H + Hkv, D)
     assert out.dtype == dtype and rel_err(out, expected) <= TOL[dtype]
@@ -128,7 +133,7 @@ def test_decode_attend(dtype, H, Hkv, D, capacity, live):
     assert length.item() == live
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
     live = torch.arange(k_cache.shape[2], device="cuda") < length
-    assert rel_err(out, model.decode_attention(q, k_cache, v_cache, live)) <= TOL[dtype]
+    assert rel_err(out, attention.decode_attention(q, k_cache, v_cache, live)) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("B, H, Hkv, D", [(1, 9, 3, 64), (2, 32, 8, 128)])
@@ -152,7 +157,7 @@ def test_decode_attend_replays(B, H, Hkv, D):
         assert length.item() == n + 1
         assert torch.equal(k_cache[:, :, n], k[:, :, 0]) and torch.equal(v_cache[:, :, n], v[:, :, 0])
         live = torch.arange(capacity, device="cuda") <= n
-        assert rel_err(out, model.decode_attention(q, k_cache, v_cache, live)) <= TOL[torch.float32]
+        assert rel_err(out, attention.decode_attention(q, k_cache, v_cache, live)) <= TOL[torch.float32]
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -179,3 +184,29 @@ def test_cuda_model_matches_float64_reference(gpu_case):
             logits.append(case.model.logits(hidden)[0])
     ours = torch.cat(logits).cpu()
     assert rel_err(ours, ref_forward(case.w64, case.cfg, tokens, list(range(T)))) <= 1e-5
+
+
+@pytest.mark.parametrize("scaling", [None, {**YARN, "original_max_position_embeddings": 32768}])
+def test_qwen_shape_matches_float64_reference(scaling, tmp_path):
+    """Two layers of Qwen2.5-Coder-1.5B's shape (q/k/v biases, 12/2 heads of 128, its vocabulary, an
+    untied head), with and without YaRN (factor 4 over its 32,768 positions), in float32: a prefill
+    at positions 40,000.., then the fused decode layers token by token, against float64."""
+    cfg = {k: v for k, v in hf_config(
+        architectures=["Qwen2ForCausalLM"], vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+        num_hidden_layers=2, num_attention_heads=12, num_key_value_heads=2, head_dim=128, max_position_embeddings=32768,
+        rope_theta=1e6, rms_norm_eps=1e-6, rope_scaling=scaling).items() if k != "attention_bias"}  # as Qwen2's
+    tensors = random_tensors(cfg, 0)
+    qwen = load_model(write_checkpoint(tmp_path, cfg, tensors), "cuda", torch.float32)
+    tokens = torch.randint(0, 151936, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    positions = list(range(40000, 40012))
+    cache = model.KVCache(qwen.config, 1, 12, "cuda", torch.float32)
+    with torch.inference_mode():
+        hidden = qwen(torch.tensor([tokens[:4]], device="cuda"), torch.tensor([positions[:4]], device="cuda"),
+                      cache.prefill_attend(0))
+        logits = [qwen.logits(hidden)[0]]
+        for t in range(4, 12):
+            hidden = qwen(torch.tensor([[tokens[t]]], device="cuda"), torch.tensor([[positions[t]]], device="cuda"),
+                          cache.decode_attend)
+            logits.append(qwen.logits(hidden)[0])
+    w64 = {k: v.double() for k, v in tensors.items()}
+    assert rel_err(torch.cat(logits).cpu(), ref_forward(w64, cfg, tokens, positions)) <= 1e-5

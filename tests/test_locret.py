@@ -309,6 +309,20 @@ def test_defaults_scale_with_the_window(s):
     for window, expected in ((512, (256, 64, 40)), (8192, (4096, 1024, 640)), (131072, (16384, 1024, 2560))):
         assert LocretConfig().settings(replace(s.config, max_position_embeddings=window)) == expected
     assert LocretConfig(budget=320).settings(s.config) == (320, 64, 50)
+    assert LocretConfig().settings(s.config, 100 + 256) == (156, 64, 24)  # the tail and the answer after B
+
+
+def test_positions_stay_in_the_window(s):
+    """The 408-token prompt with a 256-token answer: the default budget leaves the last 100 tokens
+    and the answer room in the 512-token window (before, it stayed 256 and positions reached 611);
+    a budget given that does not is refused, naming the option to lower and the answer budget."""
+    got = locret.prefill(s.model, s.prompt, LocretConfig(retaining_heads=s.heads), 256)
+    assert got.stats["kept_tokens"] == got.next_position == 156 + locret.LOCAL_TOKENS
+    assert got.next_position + 256 <= 512
+    with pytest.raises(OptionError) as e:
+        locret.prefill(s.model, s.prompt, LocretConfig(budget=256, retaining_heads=s.heads), 256)
+    assert e.value.param == "budget" and str(e.value) == (
+        "budget (256) + the prompt's last 100 tokens + max_new_tokens (256) must fit in the model's 512-token window")
 
 
 def test_bad_options_are_refused(s):

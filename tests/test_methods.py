@@ -7,10 +7,8 @@ from dataclasses import fields, is_dataclass
 import pytest
 
 from engine import parse_args
-from infinipot import InfiniPotConfig
-from locret import LocretConfig
 from methods import METHODS, add_options, config_from, flag_of, given_options, parse_specs
-from parallelcomp import Calibration, ParallelCompConfig
+from parallelcomp import Calibration
 
 # every config field: a command-line value and what it parses to
 SAMPLES = {
@@ -22,7 +20,7 @@ SAMPLES = {
     "retaining_heads": ("heads.safetensors", "heads.safetensors"),
     "pattern": ("block", "block"), "sink_tokens": ("8", 8), "window_tokens": ("56", 56), "block_tokens": ("16", 16),
     "local_blocks": ("4", 4), "vert_stride": ("2", 2), "full_layers": ("1-2", (1, 2)),
-    "kv_placement": ("sharded", "sharded"),
+    "kv_placement": ("sharded", "sharded"), "factor": ("2.5", 2.5),
 }
 
 
@@ -44,11 +42,13 @@ def test_every_config_field_is_an_option():
 
 
 def test_flags_are_unique_and_clash_with_no_engine_option():
-    flags = [flag_of(name, f.name) for name, f in all_fields()]
+    flags = [flag_of(f.name, [name]) for name, f in all_fields()]
     assert len(flags) == len(set(flags)) and all(flag.startswith("--") for flag in flags)
-    assert flag_of("parallelcomp", "calibration") == "--calibrate"
-    assert flag_of("parallelcomp", "kv_budget") == "--kv-budget"
-    assert flag_of("full", "kv_budget") is None
+    names = [f.name for _, f in all_fields()]
+    assert len(names) == len(set(names)), "a field names one option: flag_of and error messages find its flag"
+    assert flag_of("calibration") == flag_of("calibration", ["parallelcomp"]) == "--calibrate"
+    assert flag_of("kv_budget") == "--kv-budget"
+    assert flag_of("kv_budget", ["full"]) is None and flag_of("max_new_tokens") is None
     parse_args(["--prompt", "p.txt"])  # argparse refuses a flag defined twice
 
 
@@ -60,7 +60,7 @@ def test_options_round_trip_to_configs():
         argv, values = [], {}
         for f in fields(method.config):
             text, value = SAMPLES[f.name]
-            argv += [flag_of(name, f.name), text]
+            argv += [flag_of(f.name, [name]), text]
             values[f.name] = value
         given = given_options(parser.parse_args(argv))
         assert given == ({name: values} if values else {})
@@ -74,21 +74,19 @@ def test_parse_specs():
     outside = parser.parse_args(["--top-k-chunks", "2", "--chunk-tokens", "400"])  # every run's defaults
     specs = ["parallelcomp", "parallelcomp:kv-budget=64,calibrate=sink:1-2", "parallelcomp:top-k-chunks=1",
              "full", "infinipot:pot-tokens=256,catalyst=question"]
-    assert parse_specs(specs, outside) == {
-        "parallelcomp": ("parallelcomp", ParallelCompConfig(chunk_tokens=400, top_k_chunks=2)),
+    assert parse_specs(specs, outside) == {  # the overrides the engine merges over the checkpoint's config
+        "parallelcomp": ("parallelcomp", dict(chunk_tokens=400, top_k_chunks=2)),
         "parallelcomp:kv-budget=64,calibrate=sink:1-2": (
-            "parallelcomp", ParallelCompConfig(chunk_tokens=400, top_k_chunks=2, kv_budget=64,
-                                               calibration=Calibration("sink", 1, 2))),
-        "parallelcomp:top-k-chunks=1": ("parallelcomp", ParallelCompConfig(chunk_tokens=400, top_k_chunks=1)),
-        "full": ("full", METHODS["full"].config()),
-        "infinipot:pot-tokens=256,catalyst=question": (
-            "infinipot", InfiniPotConfig(pot_tokens=256, catalyst="question")),
+            "parallelcomp", dict(chunk_tokens=400, top_k_chunks=2, kv_budget=64, calibration=Calibration("sink", 1, 2))),
+        "parallelcomp:top-k-chunks=1": ("parallelcomp", dict(chunk_tokens=400, top_k_chunks=1)),
+        "full": ("full", {}),
+        "infinipot:pot-tokens=256,catalyst=question": ("infinipot", dict(pot_tokens=256, catalyst="question")),
     }
     alone = parse_specs(["parallelcomp:kv-budget=64,calibrate=sink:1-2"], parser.parse_args([]))
     assert alone == {"parallelcomp:kv-budget=64,calibrate=sink:1-2": (
-        "parallelcomp", ParallelCompConfig(kv_budget=64, calibration=Calibration("sink", 1, 2)))}
+        "parallelcomp", dict(kv_budget=64, calibration=Calibration("sink", 1, 2)))}
     locret = parse_specs(["locret:budget=96"], parser.parse_args([]))
-    assert locret == {"locret:budget=96": ("locret", LocretConfig(budget=96))}
+    assert locret == {"locret:budget=96": ("locret", dict(budget=96))}
 
 
 @pytest.mark.parametrize("spec, message", [

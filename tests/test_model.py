@@ -20,9 +20,13 @@ import pytest
 import torch
 
 from checkpoint import load_model
+from compaction import RawKeyCache
 from conftest import REPO, STORIES, hf_config, random_tensors, write_checkpoint
-from model import KVCache, attention
-from reference import load_float64, ref_forward, ref_head_dim, ref_inv_freq, ref_rope_type, rel_err
+from attention import attention
+from model import KVCache
+from rope import rope_frequencies, rope_temperature
+from reference import (load_float64, ref_forward, ref_head_dim, ref_inv_freq, ref_rope_type, ref_rotations,
+                       ref_temperature, rel_err)
 
 REL_TOL = 1e-5
 
@@ -32,6 +36,11 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
 
 QWEN2 = {k: v for k, v in hf_config(architectures=["Qwen2ForCausalLM"], model_type="qwen2").items()
          if k != "attention_bias"}  # real Qwen2 configs have no attention_bias key
+# as Qwen2.5's model card writes it: the window stays, YaRN stretches the original one 4 times
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+# every option: a ramp not rounded outwards, other betas, the temperature from mscale / mscale_all_dim
+YARN_OPTIONS = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 4,
+                "beta_slow": 0.5, "truncate": False, "mscale": 1.0, "mscale_all_dim": 0.5}
 
 # name -> (config, sequence length of the full forward)
 CONFIGS = {
@@ -45,6 +54,8 @@ CONFIGS = {
     "llama_attention_bias": (hf_config(attention_bias=True), 20),  # q/k/v and o_proj biases
     "qwen2_qkv_bias": (QWEN2, 20),  # q/k/v biases only
     "qwen2_qkv_bias_mha_tied": ({**QWEN2, "num_key_value_heads": 4, "tie_word_embeddings": True}, 20),
+    "qwen2_yarn": ({**QWEN2, "rope_scaling": YARN}, 20),
+    "yarn_options": (hf_config(rope_scaling=YARN_OPTIONS), 20),
 }
 
 
@@ -119,6 +130,13 @@ def test_configs_exercise_what_they_claim():
     assert (wavelen < old / LLAMA3_SCALING["high_freq_factor"]).any()
     assert (wavelen > old / LLAMA3_SCALING["low_freq_factor"]).any()
     assert ((wavelen > old / 4) & (wavelen < old / 1)).any()
+    for name in ("qwen2_yarn", "yarn_options"):  # YaRN: pairs kept, blended and divided by the factor
+        cfg = CONFIGS[name][0]
+        d = ref_head_dim(cfg)
+        kept = ref_inv_freq(cfg, 1) / (1.0 / cfg["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        factor = cfg["rope_scaling"]["factor"]
+        assert kept[0] == 1 and kept[-1] == 1 / factor and ((kept < 1) & (kept > 1 / factor)).any(), name
+        assert ref_temperature(cfg) > 1
 
 
 def test_full_forward_matches_reference(case):
@@ -239,6 +257,100 @@ def test_batch_rows_are_independent(case):
         assert rel_err(logits[b], case.ref(rows[b], positions[b])) <= REL_TOL
 
 
+# ---------------------------------------------------------------------------- YaRN
+
+def hf_to_model_config(cfg, tmp_path):
+    return load_model(write_checkpoint(tmp_path, cfg, random_tensors(cfg, 0)), "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("scaling", [YARN, YARN_OPTIONS, {**YARN, "attention_factor": 1.5, "beta_fast": 8},
+                                     {**YARN, "factor": 1.0}])
+def test_yarn_rope_against_the_float64_formula(scaling, tmp_path):
+    """Frequencies, temperature and the cos/sin every rotation takes (Llama.rope), at positions far
+    past the original window, against tests/reference.py's pair-by-pair formula."""
+    cfg = hf_config(rope_scaling=scaling)
+    model = hf_to_model_config(cfg, tmp_path)
+    assert torch.allclose(rope_frequencies(model.config), ref_inv_freq(cfg, 1), rtol=1e-15, atol=0)
+    assert rope_temperature(model.config) == pytest.approx(ref_temperature(cfg), rel=1e-15)
+    positions = torch.tensor([[0, 1, 63, 64, 1000, 200000]])
+    angles = positions[0, :, None].double() * ref_inv_freq(cfg, 1)
+    cos, sin = model.rope(positions)
+    assert cos.shape == (1, 1, 6, 8) and cos.dtype == torch.float32
+    assert (cos[0, 0].double() - angles.cos() * ref_temperature(cfg)).abs().max() <= 1e-6
+    assert (sin[0, 0].double() - angles.sin() * ref_temperature(cfg)).abs().max() <= 1e-6
+    cos, sin = model.rope(positions, temperature=False)  # a relative turn of keys that carry it
+    assert (cos[0, 0].double() - angles.cos()).abs().max() <= 1e-6
+
+
+def transformers_config(cfg):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed "
+                                                              "(requirements-dev.txt does not list it)")
+    return getattr(transformers, cfg["architectures"][0].replace("ForCausalLM", "Config"))(**cfg)
+
+
+@pytest.mark.parametrize("scaling", [YARN, YARN_OPTIONS, {**YARN, "attention_factor": 1.5, "beta_fast": 8}])
+def test_yarn_rope_against_transformers(scaling, tmp_path):
+    """The frequencies and temperature of transformers' own YaRN (modeling_rope_utils), which it
+    computes in float32."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    cfg = hf_config(rope_scaling=scaling)
+    inv_freq, temperature = ROPE_INIT_FUNCTIONS["yarn"](transformers_config(cfg), "cpu")
+    model = hf_to_model_config(cfg, tmp_path)
+    assert torch.allclose(rope_frequencies(model.config).float(), inv_freq, rtol=1e-6, atol=0)
+    assert rope_temperature(model.config) == pytest.approx(temperature, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["qwen2_yarn", "yarn_options"])
+def test_yarn_model_against_transformers(name, tmp_path_factory):
+    """The logits of transformers' Qwen2/Llama with the same checkpoint and rope_scaling, at positions
+    0..19 and 300..319 (past the original window)."""
+    transformers_config(CONFIGS[name][0])
+    from transformers import AutoModelForCausalLM
+    case = Case(name, tmp_path_factory)
+    hf = AutoModelForCausalLM.from_pretrained(case.dir, dtype=torch.float32, attn_implementation="eager").eval()
+    tokens = torch.tensor([case.tokens])
+    for start in (0, 300):
+        positions = torch.arange(start, start + case.T)[None]
+        with torch.inference_mode():
+            theirs = hf(tokens, position_ids=positions).logits[0]
+        assert rel_err(prefill_logits(case.model, case.tokens, positions[0].tolist()), theirs) <= REL_TOL
+
+
+def test_with_rope_scaling_is_a_view_sharing_every_weight(tmp_path):
+    """A YaRN view of a checkpoint without scaling: the same parameters (no copy), its own config,
+    frequencies and temperature, the original untouched; its logits are the float64 forward's with
+    YaRN in the config."""
+    cfg = hf_config()
+    model = hf_to_model_config(cfg, tmp_path)
+    view = model.with_rope_scaling(YARN, 256)
+    assert all(a is b for a, b in zip(model.parameters(), view.parameters()))
+    assert (view.config.rope_scaling, view.config.max_position_embeddings) == (YARN, 256)
+    assert (model.config.rope_scaling, model.rope_temperature) == (None, 1.0)
+    assert torch.equal(model.inv_freq, rope_frequencies(model.config)) and view.rope_temperature > 1
+    tokens = torch.randint(0, cfg["vocab_size"], (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    positions = list(range(100, 120))
+    w64 = {k: v.double() for k, v in random_tensors(cfg, 0).items()}
+    ref = ref_forward(w64, {**cfg, "rope_scaling": YARN}, tokens, positions)
+    assert rel_err(prefill_logits(view, tokens, positions), ref) <= REL_TOL
+    assert rel_err(prefill_logits(model, tokens, positions), ref) > 1e-2  # the view changes the logits
+
+
+def test_compaction_rotates_with_the_yarn_temperature(tmp_path):
+    """RawKeyCache.compact (InfiniPot, Locret) rotates the kept raw keys to positions 0..n-1 as a forward
+    would: YaRN's frequencies and temperature."""
+    cfg = hf_config(rope_scaling=YARN)
+    model = hf_to_model_config(cfg, tmp_path)
+    cache = RawKeyCache(model.config, 1, 300, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(5)
+    cache.k_raw.normal_(generator=g)
+    keep = torch.stack([torch.randperm(300, generator=g)[:200].sort().values for _ in range(4)]).view(2, 2, 200)
+    raw = cache.k_raw[:, 0].double().clone()  # (L, H_kv, S, D)
+    cache.compact(keep, model.rope)
+    kept = raw.gather(2, keep[..., None].expand(-1, -1, -1, raw.shape[-1]))
+    expected = torch.einsum("tij,lhtj->lhti", ref_rotations(cfg, list(range(200))), kept)
+    assert rel_err(cache.k[:, 0, :, :200], expected) <= 1e-6
+
+
 # ---------------------------------------------------------------------------- model.py on its own
 
 ALONE = """
@@ -258,10 +370,11 @@ print(json.dumps(dict(model=model.__file__, modules=sorted(sys.modules), path=sy
 """
 
 
-def test_model_py_and_llama_triton_py_are_all_a_copy_needs(tmp_path):
-    """The two files copied into another project run a Llama there: no other module of this
-    repository is imported (nor on the path; torch comes from the interpreter's site-packages)."""
-    for name in ("model.py", "llama_triton.py"):
+def test_model_py_and_its_three_modules_are_all_a_copy_needs(tmp_path):
+    """model.py, rope.py, attention.py and llama_triton.py copied into another project run a Llama
+    there: no other module of this repository is imported (nor on the path; torch comes from the
+    interpreter's site-packages)."""
+    for name in ("model.py", "rope.py", "attention.py", "llama_triton.py"):
         shutil.copy(REPO / name, tmp_path / name)
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     p = subprocess.run([sys.executable, "-c", ALONE], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -274,7 +387,7 @@ def test_model_py_and_llama_triton_py_are_all_a_copy_needs(tmp_path):
                and not Path(entry).resolve().is_relative_to(Path(out["prefix"]).resolve())]
     assert in_repo == []
     ours = {f.stem for f in REPO.glob("*.py")} | {"weights", "tests", "eval", "tools", "reference", "conftest"}
-    assert set(out["modules"]) & ours <= {"model", "llama_triton"}  # llama_triton where Triton imports
+    assert set(out["modules"]) & ours <= {"model", "rope", "attention", "llama_triton"}  # llama_triton: with Triton
     assert out["shape"] == [2, 7, 50] and out["finite"]
 
 

