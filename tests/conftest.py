@@ -1,6 +1,7 @@
-"""What the tests share: the paths of the shared models and data, a writer of random checkpoints
-with Hugging Face tensor names, and the real models as fixtures. Test files import the plain
-names with `from conftest import ...`."""
+"""What the tests share: the paths of the models and data (those that ship in tests/assets, and
+those in ../shared, whose tests skip without it), a writer of random checkpoints with Hugging Face
+tensor names, and the real models as fixtures. Test files import the plain names with
+`from conftest import ...`."""
 
 import json
 import os
@@ -22,7 +23,7 @@ STORIES = ASSETS / "stories260K"  # a real 260K-parameter Llama: BOS 1, EOS 2, 5
 BOOKS = ASSETS / "books"  # the first pages of three public-domain books
 REFERENCE = ASSETS / "reference.json"  # golden numbers from Hugging Face transformers
 # What may not ship (Meta's tokenizers, the essays, the evaluation sets): ../shared, read-only, or
-# where PARALLELCOMP_SHARED points (CI runs the suite a second time with it pointing nowhere)
+# where PARALLELCOMP_SHARED points (CI runs the suite a second time in a clone without it)
 SHARED = Path(os.environ.get("PARALLELCOMP_SHARED") or REPO.parent / "shared")
 QWEN25 = embedded_model("qwen2.5-1.5b").dest  # 7 GB: tests use it where it was converted, never download it
 needs_qwen25 = pytest.mark.skipif(not QWEN25.is_dir(), reason=f"{QWEN25} is absent (python -m weights qwen2.5-1.5b)")

@@ -169,7 +169,7 @@ def test_ppl_end_to_end(tmp_path, capsys):
 def test_ppl_continuation_equals_one_causal_pass():
     """The target scored through the prefilled cache = the target's NLL in one forward over context + target."""
     engine = Engine(STORIES, "cpu")
-    tokens = ppl.book_tokens(engine.tokenizer, ppl.BOOK, 200_000, 300)
+    tokens = ppl.book_tokens(engine.tokenizer, BOOKS / "war_and_peace.txt", 20_000, 300)
     context, target = tokens[:250], tokens[250:]
     with torch.inference_mode():
         prompt = ppl.context_prompt(engine, "full", context, 50)
