@@ -116,18 +116,16 @@ class QuestionScorer:
     i, at position ctx_b + i, sees the chunk's ctx_b kept keys and the question's first i + 1
     tokens. With KV eviction each chunk's K/V are thinned as the fresh prefill thins them."""
 
-    def __init__(self, chunks, k, v, queries, kv_budget):
+    def __init__(self, chunks, k, v, queries, question_len, kv_budget):
         self.chunks, self.k, self.v, self.queries, self.kv_budget = chunks, k, v, queries, kv_budget
-        self.visible = None
+        T, device = k.shape[3], k.device
+        slot, row = torch.arange(T + question_len, device=device), torch.arange(question_len, device=device)[:, None]
+        lens = torch.tensor([c.context_len for c in chunks], device=device)[:, None, None]
+        self.visible = ((slot < lens) | ((slot >= T) & (slot <= T + row)))[:, None]  # (B, 1, Lq, T + Lq)
 
     def __call__(self, layer, q, k, v):
         keys = torch.cat([self.k[:, layer], k], dim=2)  # (B, H_kv, T + Lq, D): the question after the padded chunks
         values = torch.cat([self.v[:, layer], v], dim=2)
-        if self.visible is None:
-            T, Lq = self.k.shape[3], k.shape[2]
-            slot, row = torch.arange(T + Lq, device=q.device), torch.arange(Lq, device=q.device)[:, None]
-            lens = torch.tensor([c.context_len for c in self.chunks], device=q.device)[:, None, None]
-            self.visible = ((slot < lens) | ((slot >= T) & (slot <= T + row)))[:, None]  # (B, 1, Lq, T + Lq)
         if self.kv_budget is not None:
             for b, chunk in enumerate(self.chunks):
                 n = chunk.context_len
@@ -155,7 +153,7 @@ def score_chunks(model, store, prompt, indices, kv_budget, k, v):
     queries = None if store.queries is None else store.queries[indices.start:indices.stop]
     tokens = torch.tensor([question] * len(indices), device=device)
     positions = torch.tensor([ch.context_len for ch in chunks], device=device)[:, None] + torch.arange(Lq, device=device)
-    hidden = model(tokens, positions, QuestionScorer(chunks, k, v, queries, kv_budget))
+    hidden = model(tokens, positions, QuestionScorer(chunks, k, v, queries, Lq, kv_budget))
     targets = torch.tensor(question, device=device)
     for b, chunk in enumerate(chunks):
         rows = hidden[b, :Lq - 1]  # (Lq, dim) with the chunk's last token: the rows that predict the question
