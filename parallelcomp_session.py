@@ -29,7 +29,7 @@ from attention import attention
 from parallelcomp import (OBSERVATION_WINDOW, ChunkCache, chunk_batch_size, chunk_eviction, context_spans,
                           encode_question, has_bos_head, keep_chunk_kv, padded, query_nll, split_context,
                           stored_tokens)
-from prefill import activation_bytes_per_token, encoding_home, free_memory, kv_bytes_per_token
+from prefill import MemoryShortage, activation_bytes_per_token, encoding_home, free_memory, kv_bytes_per_token
 
 
 @dataclass
@@ -83,8 +83,14 @@ def encode_store(model, prompt, spans, home, kv_eviction, on_progress=None):
     n, T = len(spans), max(lens)
     pin = home.type == "cpu" and device.type == "cuda"
     shape = (n, c.n_layers, c.n_kv_heads, T, c.head_dim)
-    # zeros: a padding slot no batch writes is masked, and a masked NaN would still poison the attention
-    k, v = (torch.zeros(shape, device=home, dtype=model.dtype, pin_memory=pin) for _ in range(2))
+    try:  # zeros: a padding slot no batch writes is masked, and a masked NaN would still poison the attention
+        k, v = (torch.zeros(shape, device=home, dtype=model.dtype, pin_memory=pin) for _ in range(2))
+    except RuntimeError as e:  # the driver's refusal to pin, which is no OutOfMemoryError
+        if not pin:
+            raise
+        reason = str(e).strip().splitlines()[0]
+        raise MemoryShortage(f"the session's cache ({store_bytes(model, lens) / 2**30:.1f} GiB) cannot be pinned in "
+                             f"host memory ({reason}): shorten the document")
     queries = None
     if kv_eviction:
         queries = torch.zeros(n, c.n_layers, c.n_heads, OBSERVATION_WINDOW, c.head_dim, device=device, dtype=model.dtype)
