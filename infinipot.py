@@ -46,8 +46,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from compaction import RawKeyCache
 from attention import scores_f32
+from compaction import RawKeyCache
 from prefill import OptionError, Prefilled, cache_bytes, carry_over, encoding_home, kv_bytes_per_token, option
 
 GENERIC_CATALYST = "\n\nSummarize the critical points of the text above."

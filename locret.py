@@ -43,9 +43,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from attention import attention, scores_f32
 from checkpoint import CheckpointError
 from compaction import RawKeyCache
-from attention import attention, scores_f32
 from prefill import (OptionError, Prefilled, cache_bytes, carry_over, encoding_home, extend, kv_bytes_per_token,
                      option)
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from attention import attention
 from checkpoint import load_model
 from compaction import RawKeyCache
 from conftest import REPO, STORIES, hf_config, random_tensors, write_checkpoint
-from attention import attention
 from model import KVCache
 from rope import rope_frequencies, rope_temperature
 from reference import (load_float64, ref_forward, ref_head_dim, ref_inv_freq, ref_rope_type, ref_rotations,

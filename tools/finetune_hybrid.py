@@ -46,11 +46,11 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from attention import attention  # noqa: E402
 from budget import StepBudget  # noqa: E402  (tools/, the script's own folder)
 from checkpoint import checkpoint_tensors, load_model, read_hf_config  # noqa: E402
 from hybrid import CONFIG_KEY, SparseSlots  # noqa: E402
 from methods import HelpFormatter, add_options, config_from, given_options  # noqa: E402
-from attention import attention  # noqa: E402
 from rope import rope_frequencies  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from weights import resolve  # noqa: E402
