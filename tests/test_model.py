@@ -284,7 +284,7 @@ def test_yarn_rope_against_the_float64_formula(scaling, tmp_path):
 
 def transformers_config(cfg):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed "
-                                                              "(requirements-dev.txt does not list it)")
+                                                              "(pip install -r requirements-dev.txt)")
     return getattr(transformers, cfg["architectures"][0].replace("ForCausalLM", "Config"))(**cfg)
 
 
@@ -292,9 +292,10 @@ def transformers_config(cfg):
 def test_yarn_rope_against_transformers(scaling, tmp_path):
     """The frequencies and temperature of transformers' own YaRN (modeling_rope_utils), which it
     computes in float32."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     cfg = hf_config(rope_scaling=scaling)
-    inv_freq, temperature = ROPE_INIT_FUNCTIONS["yarn"](transformers_config(cfg), "cpu")
+    config = transformers_config(cfg)  # skips where transformers is not installed
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    inv_freq, temperature = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
     model = hf_to_model_config(cfg, tmp_path)
     assert torch.allclose(rope_frequencies(model.config).float(), inv_freq, rtol=1e-6, atol=0)
     assert rope_temperature(model.config) == pytest.approx(temperature, rel=1e-12)
