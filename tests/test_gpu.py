@@ -15,6 +15,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 import attention
 from baselines import BaselineConfig, YarnConfig
+from bench import QWEN25_1_5B, random_model
 from checkpoint import load_model
 from conftest import QWEN25, REPO, needs_qwen25
 from decoding import SamplingParams, decode
@@ -22,7 +23,6 @@ from engine import Engine
 from hybrid import HybridConfig
 from locret import LocretConfig, RetainingHeads
 from methods import METHODS
-from model import ModelConfig, build_model
 from parallelcomp import Calibration, ParallelCompConfig
 from prefill import Prompt
 
@@ -161,10 +161,6 @@ def test_session_answers_as_generate(engine, case):
 
 # ---------------------------------------------------------------------------- Qwen2.5-Coder-1.5B
 
-QWEN25_SHAPE = ModelConfig(vocab_size=151936, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, head_dim=128,
-                           ffn_dim=8960, norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
-                           max_position_embeddings=32768, tie_word_embeddings=False, attention_bias=True,
-                           output_bias=False)
 QWEN_CONFIGS = {"full": BaselineConfig(), "yarn": YarnConfig(), "streaming": BaselineConfig(),
                 "parallelcomp": ParallelCompConfig(chunk_tokens=3000, top_k_chunks=2)}
 QWEN_QUESTION = ("Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring, "
@@ -174,11 +170,7 @@ QWEN_QUESTION = ("Write a Python function that returns the n-th Fibonacci number
 @pytest.fixture(scope="module")
 def qwen_shaped():
     """Random bf16 weights (biases too) in Qwen2.5-Coder-1.5B's shape."""
-    qwen = build_model(QWEN25_SHAPE, "cuda", torch.bfloat16)
-    gen = torch.Generator("cuda").manual_seed(0)
-    for param in qwen.parameters():
-        param.normal_(0, 0.02, generator=gen)
-    return qwen
+    return random_model(QWEN25_1_5B, "cuda")
 
 
 def greedy_and_sampled(qwen, method, prompt, steps, cuda_graph):
