@@ -5,6 +5,7 @@ that an interrupt at any moment ends the same way: one line, "interrupted", and 
 engine.main handles the interrupts after it starts; this catches those before.
 """
 
+import os
 import sys
 
 
@@ -13,5 +14,6 @@ def main(argv=None):
         from engine import main as engine_main
         return engine_main(argv)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # of several processes, rank 0 alone prints
+            print("interrupted", file=sys.stderr)
         return 130

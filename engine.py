@@ -324,7 +324,7 @@ class Engine:
         """
         if ranks.world() > 1:
             raise EngineError("a session (Engine.open, --questions, --interactive) runs in one process: start it "
-                              "without torchrun")
+                              "without --processes or torchrun")
         check_method(method)
         decode_options(max_new_tokens, 0.0, 1.0, 0, None)
         if session_cache_gib is not None and not session_cache_gib >= 0:
@@ -455,6 +455,9 @@ def parse_args(argv):
                    help="print one JSON object with the answer and the statistics instead of streaming text")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar, summary or download messages (errors still print)")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="run in N processes on this machine, one GPU each (gloo with --device cpu): ParallelComp "
+                        "divides its chunks among them; as torchrun --nproc-per-node N, with one line for a failure")
     add_session_options(p)
     add_options(p)
     args = p.parse_args(argv)
@@ -463,7 +466,18 @@ def parse_args(argv):
         if name not in runs:
             p.error(f"{flag_of(next(iter(options)))} is an option of --method {name}, not {args.method}")
     check_session_options(p, args)
+    check_processes(p, args)
     return args
+
+
+def check_processes(p, args):
+    launched = int(os.environ.get("WORLD_SIZE", 1))  # by torchrun, or by --processes itself (ranks.launch)
+    if args.processes < 1:
+        p.error(f"--processes {args.processes}: give 1 or more")
+    if launched > 1 and args.processes not in (1, launched):
+        p.error(f"--processes {args.processes} under a launch of {launched} processes (torchrun's): leave it out")
+    if args.processes > 1 and (args.questions is not None or args.interactive):
+        p.error("--questions and --interactive run in one process: leave out --processes")
 
 
 def add_session_options(p):
@@ -696,8 +710,12 @@ def report(generation, args):
 
 def main(argv=None):
     """Exit status: 0 done, 1 a request that cannot be served (one line on stderr), 2 a malformed
-    command line, 130 Ctrl-C. Under torchrun only rank 0 prints."""
+    command line, 130 Ctrl-C. --processes N: this process launches N of itself and returns their
+    status; in several processes only rank 0 prints."""
     args = parse_args(argv)
+    if args.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return ranks.launch(args.processes, [sys.executable, str(Path(__file__).resolve()),
+                                             *(sys.argv[1:] if argv is None else argv)])
     leader = ranks.rank() == 0
     if not leader:
         args.quiet, sys.stdout = True, open(os.devnull, "w")

@@ -1,9 +1,15 @@
-"""The torchrun plumbing: the process group, rank 0's output, the failure exchange, a common seed.
+"""The processes of one run: their launch, the process group, rank 0's output, the failure exchange,
+a common seed.
 
+    python engine.py --processes 2 --prompt long.txt --question "Who wrote the letter?"
     torchrun --nproc-per-node 2 engine.py --prompt long.txt --question "Who wrote the letter?"
 
-Without torchrun (one process) every function here is the plain call. Under torchrun each process
-joins the group (`init`); rank 0 reads the prompt and makes the downloads, and only it prints.
+`launch` starts the processes on this host as torchrun --standalone does (the same environment
+variables), and waits for them: a user's mistake ends with rank 0's one line and its status, a
+crash with one line naming the rank, Ctrl-C with "interrupted"; torchrun adds its own report
+after any non-zero exit.
+With one process every function here is the plain call. With several each process joins the group
+(`init`); rank 0 reads the prompt and makes the downloads, and only it prints.
 After each phase the ranks exchange a status, so that an exception on one rank is raised on all,
 naming it (RankError), instead of leaving the others waiting. TIMEOUT bounds every wait.
 ParallelComp's prefill over the ranks is distributed.py.
@@ -11,6 +17,11 @@ ParallelComp's prefill over the ranks is distributed.py.
 
 import atexit
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -19,6 +30,7 @@ import torch.distributed as dist
 from prefill import OptionError
 
 TIMEOUT = timedelta(minutes=10)  # the longest a collective waits: the other ranks wait out rank 0's gathered decode
+GRACE_SECONDS = 30  # after one process fails, how long the others have to learn it and exit before they are stopped
 
 
 class RankError(RuntimeError):
@@ -27,6 +39,58 @@ class RankError(RuntimeError):
     def __init__(self, rank, reason):
         super().__init__(f"rank {rank}: {reason}")
         self.rank = rank
+
+
+def launch(processes, command):
+    """Run `command` (a Python command line) in `processes` processes of ranks 0..processes-1 that
+    meet on a free port of 127.0.0.1; returns the exit status: 0, rank 0's when it failed, else the
+    first failure's. Processes that outlive a failure by GRACE_SECONDS are stopped (a rank that
+    crashed outside a failure exchange leaves the others waiting in a collective).
+
+    Ctrl-C (or SIGTERM) is the launcher's alone: the ranks run in a process group of their own,
+    which the terminal does not signal, and are stopped together, "interrupted" said once. A rank
+    that caught the interrupt itself could leave the others waiting in a collective."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(processes),
+               LOCAL_WORLD_SIZE=str(processes))
+    interrupts = []  # the SIGINTs and SIGTERMs received, kept until every child is started
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: interrupts.append(signum))
+    children = []
+    for r in range(processes):
+        if not interrupts:
+            group = 0 if r == 0 else children[0].pid  # every rank in rank 0's new process group
+            children.append(subprocess.Popen(command, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                                             process_group=group))
+    statuses = wait_all(children, interrupts)
+    if interrupts:
+        print("interrupted", file=sys.stderr)
+        return 130
+    for r, status in enumerate(statuses):
+        if status < 0 and status != -signal.SIGTERM:  # SIGTERM: stopped here after another's failure
+            print(f"error: rank {r} was killed by {signal.Signals(-status).name}"
+                  f"{' (out of memory?)' if status == -signal.SIGKILL else ''}", file=sys.stderr)
+    exits = [status for status in statuses if status > 0]
+    return statuses[0] if statuses[0] > 0 else exits[0] if exits else 1 if any(statuses) else 0
+
+
+def wait_all(children, interrupts):
+    """The children's exit statuses. They are all terminated once `interrupts` holds one; once
+    one has failed, those still running are terminated after GRACE_SECONDS, or at once when it was
+    killed by a signal (it will join no exchange again)."""
+    deadline = None
+    while None in (statuses := [child.poll() for child in children]):
+        if deadline is None and any(statuses):
+            killed = any(status is not None and status < 0 for status in statuses)
+            deadline = time.monotonic() + (0 if killed else GRACE_SECONDS)
+        if interrupts or deadline is not None and time.monotonic() >= deadline:
+            for child, status in zip(children, statuses):
+                if status is None:
+                    child.terminate()
+        time.sleep(0.05)
+    return statuses
 
 
 def world():
@@ -39,7 +103,7 @@ def rank():
 
 
 def init(device):
-    """Join torchrun's process group, once, when it started several processes: NCCL with this
+    """Join the process group, once, where torchrun or --processes started several: NCCL with this
     process's GPU, gloo on the CPU. Returns the device to use: `device`, with cuda naming the GPU
     cuda:LOCAL_RANK (None: cuda when there is one)."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
@@ -47,13 +111,13 @@ def init(device):
     name = str(device) if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if name != "cuda":
-            raise OptionError("device", f"{{0}} {name}: under torchrun every process takes its own GPU; "
+            raise OptionError("device", f"{{0}} {name}: with several processes each takes its own GPU; "
                                         f"give {{0}} cuda or cpu")
         per_host, gpus = int(os.environ["LOCAL_WORLD_SIZE"]), torch.cuda.device_count()
         if gpus < per_host:
-            raise OptionError("device", f"{{0}} cuda: torchrun started {per_host} processes on this host, which has "
-                                        f"{gpus} CUDA GPUs (NCCL needs one per process): lower --nproc-per-node "
-                                        f"or give {{0}} cpu")
+            raise OptionError("device", f"{{0}} cuda: {per_host} processes on this host, which has {gpus} CUDA "
+                                        f"GPUs (NCCL needs one per process): start fewer (--processes, torchrun's "
+                                        f"--nproc-per-node) or give {{0}} cpu")
         name = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(name)
     if not dist.is_initialized():

@@ -5,6 +5,7 @@ tensor names, and the real models as fixtures. Test files import the plain names
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,12 @@ class Stories:
 
 
 # ---------------------------------------------------------------------------- random checkpoints
+
+def ctrl_c_enabled():
+    """SIGINT as in a terminal, for a child process (preexec_fn): a test run started in the
+    background inherits it ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 
 def hf_config(**overrides):
     """A tiny Hugging Face config.json dict (GQA, untied head), with `overrides` applied."""

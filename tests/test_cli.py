@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, STORIES, shared, stories_heads
+from conftest import REPO, STORIES, ctrl_c_enabled, shared, stories_heads
 from engine import ProgressBar, main, memory_advice
 from hybrid import PATTERNS
 from methods import METHODS, flag_of
@@ -344,11 +344,6 @@ def test_out_of_gpu_memory_message():
 
 
 # ---------------------------------------------------------------------------- Ctrl-C
-
-def ctrl_c_enabled():
-    """SIGINT as in a terminal: a test run started in the background inherits it ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
 
 def test_ctrl_c_keeps_the_text_so_far_and_exits_130(tmp_path):
     prompt = write(tmp_path / "p.txt", STORY)

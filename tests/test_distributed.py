@@ -11,6 +11,7 @@ command line runs under torchrun in subprocesses.
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,7 @@ import torch.multiprocessing as mp
 
 import distributed
 from attention import merge_lse
-from conftest import BOOKS, STORIES, stories_heads
+from conftest import BOOKS, STORIES, ctrl_c_enabled, stories_heads
 from decoding import SamplingParams, decode
 from distributed import attention_lse
 from parallelcomp import Calibration, ChunkEncoder, ParallelCompConfig, chunk_spans
@@ -342,25 +343,40 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank(ranks, name):
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def cli(tmp_path, *args, processes=2, characters=3000):
+LAUNCHERS = ("--processes", "torchrun")
+
+
+def command(launcher, processes):
+    """The command line that starts engine.py in `processes` processes: by --processes or torchrun."""
+    if processes == 1:
+        return [sys.executable, "engine.py"]
+    if launcher == "torchrun":
+        return [str(TORCHRUN), "--standalone", f"--nproc-per-node={processes}", "engine.py"]
+    return [sys.executable, "engine.py", "--processes", str(processes)]
+
+
+def cli_args(tmp_path, *args, characters=3000):
     prompt = tmp_path / "story.txt"
     prompt.write_text((BOOKS / "frankenstein.txt").read_text()[20000:20000 + characters])
-    command = [sys.executable, "engine.py"] if processes == 1 else \
-        [str(TORCHRUN), "--standalone", f"--nproc-per-node={processes}", "engine.py"]
-    return subprocess.run(command + ["--prompt", str(prompt), "--question", QUESTION, "--model", str(STORIES),
-                                     "--device", "cpu", "--max-new-tokens", "8", *args],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    return ["--prompt", str(prompt), "--question", QUESTION, "--model", str(STORIES), "--device", "cpu",
+            "--max-new-tokens", "8", *args]
 
 
-def test_torchrun_prints_the_answer_once(tmp_path):
-    """torchrun with two processes: the one-process answer, printed once, one summary line, exit 0."""
-    one, two = cli(tmp_path, processes=1), cli(tmp_path)
+def cli(tmp_path, *args, processes=2, characters=3000, launcher="--processes"):
+    return subprocess.run(command(launcher, processes) + cli_args(tmp_path, *args, characters=characters),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=90)
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_processes_print_the_answer_once(tmp_path, launcher):
+    """Two processes: the one-process answer, printed once, one summary line, exit 0."""
+    one, two = cli(tmp_path, processes=1), cli(tmp_path, launcher=launcher)
     assert one.returncode == two.returncode == 0, two.stderr
     assert two.stdout == one.stdout and one.stdout.strip()
     assert two.stderr.count("\n") == 1 and two.stderr.startswith("[parallelcomp] prompt 1692 tokens")
 
 
-def test_torchrun_sharded_json(tmp_path):
+def test_two_processes_sharded_json(tmp_path):
     one = cli(tmp_path, "--json", processes=1)
     two = cli(tmp_path, "--json", "--kv-placement", "sharded")
     assert two.returncode == 0 and two.stderr == "", two.stderr
@@ -369,18 +385,24 @@ def test_torchrun_sharded_json(tmp_path):
     assert (b["answer"], b["kept_chunks"], b["processes"]) == (a["answer"], a["kept_chunks"], 2)
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--method", "parallelcomp"), "error: the context makes 1 chunk for 2 processes: lower --chunk-tokens or start at "
-                                   "most 1\n"),
-    (("--device", "cuda:1"), "error: --device cuda:1: under torchrun every process takes its own GPU; give "
-                             "--device cuda or cpu\n"),
-])
-def test_torchrun_mismatched_launch_is_one_line(tmp_path, args, message):
-    """A launch the run cannot use (a 230-token prompt is one chunk): one line from rank 0, then
-    torchrun's own report of the exit."""
-    result = cli(tmp_path, *args, characters=400)
+MISMATCHED = {  # a launch the run cannot use (a 230-token prompt is one chunk)
+    "one chunk": (("--method", "parallelcomp"),
+                  "error: the context makes 1 chunk for 2 processes: lower --chunk-tokens or start at most 1\n"),
+    "a GPU named": (("--device", "cuda:1"),
+                    "error: --device cuda:1: with several processes each takes its own GPU; give --device cuda or "
+                    "cpu\n"),
+}
+
+
+@pytest.mark.parametrize("case", MISMATCHED)
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_mismatched_launch_is_one_line(tmp_path, case, launcher):
+    """One line from rank 0; torchrun then adds its own report of the exit, --processes nothing."""
+    args, message = MISMATCHED[case]
+    result = cli(tmp_path, *args, characters=400, launcher=launcher)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith(message) and result.stderr.count("error: ") == 1
+    assert launcher == "torchrun" or result.stderr == message
 
 
 # torchrun reports any process's non-zero exit: a log line ("E1207 05:04:12.528000 23470 torch/...") and
@@ -411,11 +433,20 @@ def engine_frames(stderr):
 
 
 @pytest.mark.parametrize("case", USER_ERRORS)
+def test_user_error_under_processes_is_one_line(tmp_path, case):
+    """A mistake of the user with --processes 2: rank 0's line alone, and its status."""
+    args, message, status = USER_ERRORS[case]
+    result = cli(tmp_path, *args(tmp_path), characters=400)
+    assert result.returncode == status and result.stdout == "", result.stderr
+    assert result.stderr.count("\n") == 1 and re.search(message, result.stderr.rstrip("\n")), result.stderr
+
+
+@pytest.mark.parametrize("case", USER_ERRORS)
 def test_torchrun_user_error_is_one_line_from_rank_0(tmp_path, case):
     """A mistake of the user under torchrun: rank 0's line, then only torchrun's report of the
     exit, every rank with the same status and no traceback from any rank."""
     args, message, status = USER_ERRORS[case]
-    result = cli(tmp_path, *args(tmp_path), characters=400)
+    result = cli(tmp_path, *args(tmp_path), characters=400, launcher="torchrun")
     first, *report = result.stderr.splitlines()
     assert result.returncode == 1 and result.stdout == "" and re.search(message, first), result.stderr
     assert not report or TORCHRUN_LOG.match(report[0]), result.stderr
@@ -423,7 +454,70 @@ def test_torchrun_user_error_is_one_line_from_rank_0(tmp_path, case):
     assert set(re.findall(r"exitcode +: (-?\d+)", result.stderr)) <= {str(status), "-15"}  # -15: torchrun's SIGTERM
 
 
-def test_torchrun_a_method_that_does_not_divide_its_work_says_so_once(tmp_path):
+def launched(tmp_path, *args):
+    """engine.py --processes 2 started as from a terminal (a session of its own, SIGINT enabled),
+    and its two ranks' pids once both run."""
+    parent = subprocess.Popen(command("--processes", 2) + cli_args(tmp_path, *args), cwd=ROOT, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                              preexec_fn=ctrl_c_enabled)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+        ranks = [re.search(rb"\0RANK=(\d+)", b"\0" + Path(f"/proc/{pid}/environ").read_bytes()) for pid in children]
+        if len(children) == 2 and all(ranks):  # forked and exec'd: the environment is the rank's
+            return parent, {int(rank[1]): int(pid) for rank, pid in zip(ranks, children)}
+        time.sleep(0.01)
+    parent.kill()
+    pytest.fail("engine.py --processes 2 did not start two processes")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc (Linux)")
+def test_a_killed_rank_is_one_line_and_stops_the_others(tmp_path):
+    """Rank 1 killed (as the kernel kills a process out of memory) before it joins the process
+    group, which rank 0 then waits for: one line naming it, rank 0 stopped at once, status 1."""
+    parent, ranks = launched(tmp_path)
+    os.kill(ranks[1], signal.SIGKILL)
+    stdout, stderr = parent.communicate(timeout=20)
+    assert parent.returncode == 1
+    assert stderr.decode().splitlines() == ["error: rank 1 was killed by SIGKILL (out of memory?)"], stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc (Linux)")
+def test_ctrl_c_while_the_processes_start_is_one_line(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's foreground process group) as the ranks start: both
+    stopped, "interrupted" once, status 130. Before, the ranks were in that group: a rank still
+    in Python's startup died with a fatal error, one in a collective left the other's traceback."""
+    parent, ranks = launched(tmp_path)
+    os.killpg(parent.pid, signal.SIGINT)
+    stdout, stderr = parent.communicate(timeout=40)
+    assert (parent.returncode, stdout, stderr.decode()) == (130, b"", "interrupted\n")
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks.values())
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc (Linux)")
+def test_ctrl_c_while_answering_is_one_line(tmp_path):
+    """Ctrl-C once the answer streams (full attention runs whole in each process and decodes for a
+    minute): what was streamed stays, then "interrupted", status 130."""
+    parent, _ = launched(tmp_path, "--method", "full", "--max-new-tokens", "20000")
+    first = parent.stdout.read1(64)
+    os.killpg(parent.pid, signal.SIGINT)
+    stdout, stderr = parent.communicate(timeout=40)
+    assert parent.returncode == 130 and (first + stdout).strip()
+    note, interrupted = stderr.decode().splitlines()
+    assert note.startswith("note: full runs whole in each of the 2 processes") and interrupted == "interrupted"
+
+
+def test_processes_under_torchrun_must_agree(tmp_path):
+    """--processes 3 where torchrun started 2: rank 0's one line, then only torchrun's report."""
+    result = cli(tmp_path, "--processes", "3", characters=400, launcher="torchrun")
+    first, *report = result.stderr.splitlines()
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert first.startswith("error: --processes 3 under a launch of 2 processes (torchrun's): leave it out"), first
+    assert not report or TORCHRUN_LOG.match(report[0]), result.stderr
+    assert result.stderr.count("error: ") == 1 and not engine_frames(result.stderr)
+
+
+def test_a_method_that_does_not_divide_its_work_says_so_once(tmp_path):
     """Locret runs whole in each process: one note, from rank 0, before the summary."""
     result = cli(tmp_path, "--method", "locret", "--retaining-heads", str(stories_heads(tmp_path)), characters=400)
     assert result.returncode == 0, result.stderr

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import parallelcomp
 import parallelcomp_session
 from baselines import YarnConfig
-from conftest import BOOKS, REPO, STORIES
+from conftest import BOOKS, REPO, STORIES, ctrl_c_enabled
 from engine import Engine, Interrupted, main
 from hybrid import HybridConfig
 from infinipot import InfiniPotConfig
@@ -299,10 +299,6 @@ def test_interactive_reads_standard_input_until_eof(files):
                        env=ENV, timeout=300)
     assert (p.returncode, p.stderr) == (0, b"")
     assert len([json.loads(line) for line in p.stdout.decode().splitlines()]) == 2
-
-
-def ctrl_c_enabled():
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_at_the_interactive_prompt_ends_cleanly(files):
