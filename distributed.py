@@ -1,7 +1,7 @@
 """ParallelComp over several processes: chunk-parallel prefill, after Star Attention (Acharya et
 al., arXiv 2411.17116; NVIDIA/Star-Attention).
 
-    torchrun --nproc-per-node 2 engine.py --prompt long.txt --question "Who wrote the letter?"
+    python engine.py --processes 2 --prompt long.txt --question "Who wrote the letter?"  (or under torchrun)
 
 ParallelComp's chunks are independent until the question attends to the kept ones. Rank r of W
 encodes and scores the chunks j with j % W == r, in batches as one process does, keeping its own
@@ -23,8 +23,8 @@ the kept K/V go:
 Every rank returns rank 0's answer. After each phase the ranks exchange a status (ranks.py), so
 that an exception on one rank is raised on all. In the sharded query pass and decode, where the
 ranks compute in lockstep, a failure of the local attention contributes an empty share and is
-raised at the next exchange; any other exception there ends its process, and torchrun then stops
-the others, as it does when a process dies.
+raised at the next exchange; any other exception there ends its process, and the launcher
+(--processes, or torchrun) then stops the others, as it does when a process dies.
 
 Deviations from Star Attention, all deliberate:
 - no anchor blocks and no global positions: ParallelComp's chunks restart their positions and

@@ -130,7 +130,7 @@ class Engine:
     """Load a checkpoint once, then call `generate` as often as needed."""
 
     def __init__(self, model_dir=None, device=None, dtype=None, log=lambda msg: None):
-        self.device = resolve_device(ranks.init(device))  # under torchrun: this process's GPU
+        self.device = resolve_device(ranks.init(device))  # with several processes: this process's GPU
         model_dir = ranks.rank0_first(resolve, model_dir, log)  # a model's name: fetched on first use
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         hf = ranks.checked(read_hf_config, model_dir)  # config.json, read once for the model, tokenizer and methods
@@ -320,7 +320,7 @@ class Engine:
         it). session_cache_gib: the most memory of the model's device the encoding may take;
         ParallelComp's chunk K/V beyond it go to pinned CPU memory (on a GPU), other methods' are
         refused (OptionError). None: half the free memory for ParallelComp, all of it otherwise.
-        on_progress: as for generate, while the document is encoded. One process only (no torchrun).
+        on_progress: as for generate, while the document is encoded. One process only (no --processes or torchrun).
         """
         if ranks.world() > 1:
             raise EngineError("a session (Engine.open, --questions, --interactive) runs in one process: start it "
@@ -421,7 +421,7 @@ REPORT_STATS = ("method", "prompt_tokens", "chunks", "kept_chunks", "kept_spans"
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
-        """One line, not the usage block: --help lists the options. Under torchrun, rank 0's alone."""
+        """One line, not the usage block: --help lists the options. With several processes, rank 0's alone."""
         self.exit(2, f"error: {message} (see --help)\n" if ranks.rank() == 0 else None)
 
 
@@ -606,7 +606,7 @@ def loaded(args, log, asked):
     """Check the options, read the prompt (empty only when a question is `asked`) and load the
     model: (engine, document, sampling)."""
     decode_options(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)  # before the model loads
-    ranks.init(args.device)  # under torchrun, rank 0 reads the prompt for all
+    ranks.init(args.device)  # with several processes, rank 0 reads the prompt for all
     document = ranks.from_rank0(read_prompt, args.prompt, asked)
     engine = Engine(args.model, args.device, getattr(torch, args.dtype) if args.dtype else None, log)
     sampling = decode_options(args.max_new_tokens, args.temperature, args.top_p, args.top_k,

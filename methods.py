@@ -35,7 +35,7 @@ class Method:
     # None; a bad entry raises ValueError naming its key. Under auto the checkpoint runs this method.
     from_checkpoint: Callable | None = None
     memory_options: tuple = ()  # config fields that bound its memory: what an out-of-memory message says to lower
-    spans_processes: bool = False  # divides its work among torchrun's processes; any other runs whole in each
+    spans_processes: bool = False  # divides its work among the processes of a run; any other runs whole in each
 
     def ready(self, config, model, encode):
         """`config` validated against the model and prepared for prefill."""
@@ -44,7 +44,7 @@ class Method:
 
 
 METHODS = {
-    "parallelcomp": Method(distributed.prefill, parallelcomp.ParallelCompConfig, True,  # over torchrun's processes
+    "parallelcomp": Method(distributed.prefill, parallelcomp.ParallelCompConfig, True,  # over the processes of a run
                            "chunks encoded in parallel, the least relevant to the question evicted",
                            open=parallelcomp_session.ParallelCompEncoding,  # one process
                            memory_options=("chunk_tokens", "top_k_chunks", "kv_budget"), spans_processes=True),

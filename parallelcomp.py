@@ -74,7 +74,7 @@ class ParallelCompConfig:
     calibration: Calibration | None = option(None, "attention calibration in layers FIRST..LAST of the query "
                                              "pass, e.g. sink:3-6 (default: off)", parse=Calibration.parse,
                                              flag="--calibrate", metavar="REGION:FIRST-LAST")
-    kv_placement: str = option("gather", "with several processes (torchrun): gather = the kept chunks' K/V go to "
+    kv_placement: str = option("gather", "with several processes: gather = the kept chunks' K/V go to "
                                "rank 0, which decodes alone; sharded = they stay where they were encoded and "
                                "attention is merged across processes", parse=kv_placement,
                                metavar="{" + ",".join(KV_PLACEMENTS) + "}")

@@ -120,25 +120,26 @@ def encode_store(model, prompt, spans, home, kv_eviction, on_progress=None):
 class QuestionScorer:
     """The `attend` of the question over a batch of chunks, k, v (B, L, H_kv, T, D): chunk b's row
     i, at position ctx_b + i, sees the chunk's ctx_b kept keys and the question's first i + 1
-    tokens. With KV eviction each chunk's K/V are thinned as the fresh prefill thins them."""
+    tokens. With KV eviction each chunk's K/V are thinned as the fresh prefill thins them.
 
-    def __init__(self, chunks, k, v, queries, question_len, kv_budget):
+    Each chunk attends on its own, causal after its keys, as a fresh prefill's chunk does: one
+    masked call over the padded batch takes SDPA's math kernel on a GPU (its fused kernels take no
+    mask with GQA)."""
+
+    def __init__(self, chunks, k, v, queries, kv_budget):
         self.chunks, self.k, self.v, self.queries, self.kv_budget = chunks, k, v, queries, kv_budget
-        T, device = k.shape[3], k.device
-        slot, row = torch.arange(T + question_len, device=device), torch.arange(question_len, device=device)[:, None]
-        lens = torch.tensor([c.context_len for c in chunks], device=device)[:, None, None]
-        self.visible = ((slot < lens) | ((slot >= T) & (slot <= T + row)))[:, None]  # (B, 1, Lq, T + Lq)
 
     def __call__(self, layer, q, k, v):
-        keys = torch.cat([self.k[:, layer], k], dim=2)  # (B, H_kv, T + Lq, D): the question after the padded chunks
-        values = torch.cat([self.v[:, layer], v], dim=2)
-        if self.kv_budget is not None:
-            for b, chunk in enumerate(self.chunks):
-                n = chunk.context_len
+        out = torch.empty_like(q)
+        for b, chunk in enumerate(self.chunks):
+            n = chunk.context_len
+            keys = torch.cat([self.k[b, layer, :, :n], k[b]], dim=1)  # (H_kv, n + Lq, D): the question after the chunk
+            values = torch.cat([self.v[b, layer, :, :n], v[b]], dim=1)
+            if self.kv_budget is not None:
                 q_obs = torch.cat([self.queries[b, layer], q[b]], dim=1)[:, -OBSERVATION_WINDOW:]
-                keep_chunk_kv(chunk, layer, q_obs, torch.cat([keys[b, :, :n], k[b]], dim=1),
-                              torch.cat([values[b, :, :n], v[b]], dim=1), self.kv_budget)
-        return attention(q, keys, values, self.visible)
+                keep_chunk_kv(chunk, layer, q_obs, keys, values, self.kv_budget)
+            out[b] = attention(q[b:b + 1], keys[None], values[None])[0]
+        return out
 
 
 def score_chunks(model, store, prompt, indices, kv_budget, k, v):
@@ -159,7 +160,7 @@ def score_chunks(model, store, prompt, indices, kv_budget, k, v):
     queries = None if store.queries is None else store.queries[indices.start:indices.stop]
     tokens = torch.tensor([question] * len(indices), device=device)
     positions = torch.tensor([ch.context_len for ch in chunks], device=device)[:, None] + torch.arange(Lq, device=device)
-    hidden = model(tokens, positions, QuestionScorer(chunks, k, v, queries, Lq, kv_budget))
+    hidden = model(tokens, positions, QuestionScorer(chunks, k, v, queries, kv_budget))
     targets = torch.tensor(question, device=device)
     for b, chunk in enumerate(chunks):
         rows = hidden[b, :Lq - 1]  # (Lq, dim) with the chunk's last token: the rows that predict the question
