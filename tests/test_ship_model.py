@@ -10,8 +10,8 @@ import pytest
 
 from conftest import REPO, hf_config, random_tensors
 from test_gguf_checkpoint import CASES, write_gguf
-from weights import EmbeddedModel
-from weights.gguf_checkpoint import CHECKPOINT_FILES, ensure
+from weights import CHECKPOINT_FILES, EmbeddedModel
+from weights.gguf_checkpoint import ensure
 
 sys.path.insert(0, str(REPO / "tools"))
 from ship_model import join, read_manifest, write_manifest, write_parts  # noqa: E402

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import sys
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -9,7 +10,8 @@ from safetensors import safe_open
 
 from conftest import BOOKS
 from tokenizer import StreamDecoder, Tokenizer
-from weights import DEFAULT, MODELS, WeightsError, embedded_model, resolve
+import weights
+from weights import CHECKPOINT_FILES, DEFAULT, MODELS, WeightsError, embedded_model, resolve
 from weights.gguf_checkpoint import ensure
 from weights.smollm2 import MODEL
 
@@ -141,3 +143,16 @@ def test_resolve_names_and_directories(smollm2_dir, tmp_path):
     assert resolve(None, log=print) == resolve("smollm2", log=print) == smollm2_dir == embedded_model("smollm2").dest
     assert resolve(str(tmp_path)) == tmp_path and resolve(tmp_path) == tmp_path  # a directory, unchecked here
     assert embedded_model("qwen2.5-1.5b").dest.name == "Qwen2.5-Coder-1.5B-Instruct"
+
+
+def test_a_converted_model_needs_no_gguf(tmp_path, monkeypatch):
+    """A converted folder carried to a machine without gguf (tools/ship_model.py join imports it from
+    its wheel): --model NAME finds it. Before, resolve imported the converter, and with it gguf."""
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
+    folder = embedded_model("qwen2.5-1.5b").dest
+    folder.mkdir()
+    for name in CHECKPOINT_FILES:
+        (folder / name).write_text("{}")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf raises ImportError
+    monkeypatch.delitem(sys.modules, "weights.gguf_checkpoint")
+    assert resolve("qwen2.5-1.5b") == folder == tmp_path / "Qwen2.5-Coder-1.5B-Instruct"

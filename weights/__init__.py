@@ -18,6 +18,10 @@ DEFAULT = "smollm2"
 WEIGHTS_DIR = Path(__file__).parent
 
 
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json",
+                    "tokenizer_config.json", "generation_config.json")  # what a conversion writes
+
+
 class WeightsError(Exception):
     """An embedded model that cannot be downloaded, verified or converted."""
 
@@ -41,6 +45,11 @@ class EmbeddedModel:
         return WEIGHTS_DIR / self.folder
 
 
+def converted(folder: Path) -> bool:
+    """Whether `folder` holds a whole converted checkpoint."""
+    return all((folder / name).is_file() for name in CHECKPOINT_FILES)
+
+
 def embedded_model(name):
     """The EmbeddedModel spec of a name of MODELS."""
     return importlib.import_module(f"weights.{MODELS[name]}").MODEL
@@ -53,5 +62,8 @@ def resolve(model, log=print) -> Path:
     name = DEFAULT if model is None else str(model)
     if name not in MODELS:
         return Path(model)
+    spec = embedded_model(name)
+    if converted(spec.dest):  # gguf, which converting needs, may be absent where the folder was carried
+        return spec.dest
     from weights.gguf_checkpoint import ensure
-    return ensure(embedded_model(name), log)
+    return ensure(spec, log)

