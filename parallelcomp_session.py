@@ -172,8 +172,8 @@ def score_chunks(model, store, prompt, indices, kv_budget, k, v):
 
 def score_batch_size(model, store, question_len):
     """Chunks per scoring forward: what half the free memory holds of a chunk's share, one
-    layer's keys and values with the question's (and a copy per query head, where attention under
-    a mask repeats them), the attention scores and the logits of its rows, and its whole K/V
+    layer's keys and values with the question's (and a copy per query head, where the CPU's
+    attention repeats them), the attention scores and the logits of its rows, and its whole K/V
     where the store is elsewhere."""
     c = model.config
     n, T = store.k.shape[0], store.k.shape[3]

@@ -81,11 +81,12 @@ Deviations from RULER, all where the engine or a small model asks for them:
 - The noise and needle haystacks are filled to the length with noise sentences at their end.
 
 Cost on one H100: --quick on Qwen2.5-1.5B took 4.4 minutes of the machine (measured); the rest is
-estimated from the README's prefill and decode figures and from generating the prompts here: the grid above is 13 tasks × 5 depths = 65 prompts per length, each
-generated once (about 1 s at 128K, 3 s at 256K on a slow CPU) and answered by every method; a
-prompt tokenised again by the engine for each method (about 1.5 s at 256K). Qwen2.5-1.5B, 10 methods,
-4K–256K: about 10 s per prompt and method summed over the 7 lengths (full attention 3 s at 128K,
-10 s at 256K), about 1.7 h; SmolLM2, 10 methods, 4K–128K: about 45 min; both seed sets twice that.
+estimated from the README's prefill and decode figures and from generating the prompts here: the
+grid above is 13 tasks × 5 depths = 65 prompts per length, each generated once (about 1 s at 128K,
+3 s at 256K on a slow CPU) and answered by every method; a prompt tokenised again by the engine for
+each method (about 1.5 s at 256K). Qwen2.5-1.5B, 10 methods, 4K–256K: about 10 s per prompt and
+method summed over the 7 lengths (full attention 3 s at 128K, 10 s at 256K), about 1.7 h; SmolLM2,
+10 methods, 4K–128K: about 45 min; both seed sets twice that.
 --quick: 13 × 3 prompts × 5 methods.
 """
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+import weights
 from conftest import BOOKS
 from tokenizer import StreamDecoder, Tokenizer
-import weights
 from weights import CHECKPOINT_FILES, DEFAULT, MODELS, WeightsError, embedded_model, resolve
 from weights.gguf_checkpoint import ensure
 from weights.smollm2 import MODEL
