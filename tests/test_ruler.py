@@ -309,3 +309,22 @@ def test_user_errors_are_one_line(tmp_path, wheel, capsys):
         ruler.main(common + ["--data", str(wheel), "--methods", "parallelcomp:chunk-tokens=4096"])
     assert e.value.code == 2 and "--chunk-tokens must be between 1 and the model's 512-token window" in \
         capsys.readouterr().err
+
+
+def test_resume_answers_only_what_the_json_lacks(tmp_path, wheel, capsys):
+    common = ["--model", str(STORIES), "--device", "cpu", "--data", str(wheel), "--max-new-tokens", "2",
+              "--depths", "0.5", "--lengths", "2048", "--out", str(tmp_path / "r")]
+    ruler.main(common + ["--tasks", "niah_single_1", "vt", "--methods", "full"])
+    first = json.loads((tmp_path / "r.json").read_text())["rows"]
+    partial = {"args": json.loads((tmp_path / "r.json").read_text())["args"], "complete": False, "rows": first[:1]}
+    (tmp_path / "r.json").write_text(json.dumps(partial))  # a run stopped after its first row
+    ruler.main(common + ["--resume", "--tasks", "niah_single_1", "vt", "--methods", "full", "streaming"])
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [(r["task"], r["method"]) for r in rows] == [("niah_single_1", "full"), ("niah_single_1", "streaming"),
+                                                        ("vt", "full"), ("vt", "streaming")]
+    assert rows[0] == first[0]  # kept as it was, seconds included: not answered again
+    assert {k: v for k, v in rows[2].items() if k != "seconds"} == {k: v for k, v in first[1].items() if k != "seconds"}
+    assert "| streaming | " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        ruler.main(common[:-6] + ["--depths", "0.25", "--lengths", "2048", "--out", str(tmp_path / "r"), "--resume"])
+    assert e.value.code == 2 and "was made with --depths [0.5], not [0.25]" in capsys.readouterr().err
