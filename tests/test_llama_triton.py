@@ -116,7 +116,8 @@ def test_argmax(B, V):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H, Hkv, D, capacity, live", [(32, 8, 128, 8192, 8000), (9, 3, 64, 2048, 1),
-                                                       (9, 3, 64, 2048, 2048), (4, 4, 16, 256, 77)])
+                                                       (9, 3, 64, 2048, 2048), (4, 4, 16, 256, 77),
+                                                       (12, 2, 128, 33024, 32769)])
 def test_decode_attend(dtype, H, Hkv, D, capacity, live):
     """One token's K/V stored at `live - 1`, attention over the first `live` keys, the length advanced;
     the cache holds other values past `live`, which must not leak in nor be overwritten."""
