@@ -391,7 +391,8 @@ def decode_attend(q, k, v, k_cache, v_cache, length):
     # launch, D = 64 gains from one block a part while there are at most 256 (SmolLM2 at 8K:
     # 0.530 -> 0.481 ms a token, 32K: 0.754 -> 0.670), as the block is read before the wait.
     # [H100] Qwen2.5-1.5B's 2 KV heads at 32K: 256 parts (four programs an SM) and the merge in
-    # blocks of 32 dims: 1.826 against 1.939 ms a token with 128 parts merged a head a program.
+    # blocks of 32 dims: 1.826 against 1.939 ms a token with 128 parts merged a head a program
+    # (results/decode_sweep_qwen_h100.json).
     if D >= 128:
         block_n, n_parts = 32, min(256, triton.next_power_of_2(triton.cdiv(2 * sm_count(q.device), B * Hkv)))
     else:
