@@ -328,3 +328,14 @@ def test_resume_answers_only_what_the_json_lacks(tmp_path, wheel, capsys):
     with pytest.raises(SystemExit) as e:
         ruler.main(common[:-6] + ["--depths", "0.25", "--lengths", "2048", "--out", str(tmp_path / "r"), "--resume"])
     assert e.value.code == 2 and "was made with --depths [0.5], not [0.25]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["niah_multikey_1", "qa_2"])
+def test_sample_prompt_is_the_plan_engine_generate_makes(wheel, task):
+    """Every method runs the sample's own prompt (tokenised once): the one Engine.plan lays out."""
+    from engine import Engine
+    engine = Engine(str(STORIES), "cpu")
+    s = ruler.sample(ruler.Sources(engine.tokenizer, ruler.Data(wheel)), False, task, 1536, 0, 0, 0.5)
+    for method in ("full", "parallelcomp"):
+        plan = engine.plan(s.document, s.question, instruction=s.instruction, method=method, max_new_tokens=8)
+        assert plan.prompt == s.prompt and s.prompt_tokens == len(plan.prompt.ids())
