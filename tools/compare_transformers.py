@@ -41,7 +41,8 @@ from decoding import SamplingParams, decode  # noqa: E402
 from prefill import Prompt  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from weights import embedded_model  # noqa: E402
-from weights.gguf_checkpoint import check_sha256, ensure, fetch_gguf  # noqa: E402
+from weights.fetch import check_sha256, fetch_gguf  # noqa: E402
+from weights.gguf_checkpoint import ensure  # noqa: E402
 
 NAME = "qwen2.5-1.5b"
 GREEDY_TOKENS = 20

