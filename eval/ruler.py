@@ -51,12 +51,15 @@ GPU runs (one H100; times as estimated in the last paragraph):
     python eval/ruler.py --quick --model qwen2.5-1.5b --out results/ruler/quick_qwen
 
     # the grid, tuning set (seed 0); SmolLM2 to 128K, Qwen2.5-1.5B to 256K
+    P=parallelcomp:chunk-tokens
     python eval/ruler.py --lengths 4096 8192 16384 32768 65536 131072 --methods full truncate streaming \\
-        parallelcomp parallelcomp:chunk-tokens=4096,top-k-chunks=4 parallelcomp:kv-budget=1024 \\
-        parallelcomp:calibrate=sink:1-2 infinipot locret hybrid --out results/ruler/smollm2_tune
+        parallelcomp $P=8192,top-k-chunks=2 $P=4096,top-k-chunks=2 $P=4096,top-k-chunks=4 \\
+        parallelcomp:kv-budget=1024 parallelcomp:calibrate=sink:1-2 infinipot locret hybrid \\
+        --out results/ruler/smollm2_tune
     python eval/ruler.py --model qwen2.5-1.5b --lengths 4096 8192 16384 32768 65536 131072 262144 \\
-        --methods full yarn truncate streaming parallelcomp parallelcomp:chunk-tokens=4096,top-k-chunks=4 \\
-        parallelcomp:kv-budget=1024 parallelcomp:calibrate=sink:1-2 infinipot hybrid --out results/ruler/qwen_tune
+        --methods full yarn truncate streaming parallelcomp $P=8192,top-k-chunks=2 $P=4096,top-k-chunks=2 \\
+        $P=4096,top-k-chunks=4 parallelcomp:kv-budget=1024 parallelcomp:calibrate=sink:1-2 infinipot hybrid \\
+        --out results/ruler/qwen_tune
     # the same with --seeds 1 2 and --out results/ruler/*_report for the reported figures
 
     # split over GPUs (one process per GPU, each a share of --methods), then one set of tables:
@@ -82,8 +85,10 @@ Deviations from RULER, all where the engine or a small model asks for them:
   are used again; the document cut to fill the length is the last distractor, cut at a word.
 - The noise and needle haystacks are filled to the length with noise sentences at their end.
 
-Cost on one H100: --quick on Qwen2.5-1.5B took 4.4 minutes of the machine (measured); the rest is
-estimated from the README's prefill and decode figures and from generating the prompts here: the
+Cost on one H100: --quick on Qwen2.5-1.5B took 4.4 minutes of the machine (measured); at 128K a
+prompt took (median, answer included) 0.5 s truncated, 0.9–1.4 s with ParallelComp, 2.3 s streaming,
+3.5 s with full attention or YaRN and 5.2 s with InfiniPot (measured, results/ruler/qwen_tune_slice1.json).
+The rest is estimated from the README's prefill and decode figures and from generating the prompts here: the
 grid above is 13 tasks × 5 depths = 65 prompts per length, each generated and tokenised once (about
 1 s at 128K, 3 s at 256K on a slow CPU) and answered by every method. Qwen2.5-1.5B, 10 methods,
 4K–256K: about 10 s per prompt and method summed over the 7 lengths (full attention 3 s at 128K,
