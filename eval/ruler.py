@@ -54,12 +54,12 @@ GPU runs (one H100; times as estimated in the last paragraph):
     P=parallelcomp:chunk-tokens
     python eval/ruler.py --lengths 4096 8192 16384 32768 65536 131072 --methods full truncate streaming \\
         parallelcomp $P=8192,top-k-chunks=2 $P=4096,top-k-chunks=2 $P=4096,top-k-chunks=4 \\
-        parallelcomp:kv-budget=1024 parallelcomp:calibrate=sink:1-2 infinipot locret hybrid \\
-        --out results/ruler/smollm2_tune
+        parallelcomp:kv-budget=1024 parallelcomp:calibrate=sink:1-2 infinipot infinipot:catalyst=question \\
+        locret hybrid --out results/ruler/smollm2_tune
     python eval/ruler.py --model qwen2.5-1.5b --lengths 4096 8192 16384 32768 65536 131072 262144 \\
         --methods full yarn truncate streaming parallelcomp $P=8192,top-k-chunks=2 $P=4096,top-k-chunks=2 \\
-        $P=4096,top-k-chunks=4 parallelcomp:kv-budget=1024 parallelcomp:calibrate=sink:1-2 infinipot hybrid \\
-        --out results/ruler/qwen_tune
+        $P=4096,top-k-chunks=4 parallelcomp:kv-budget=1024 parallelcomp:calibrate=sink:1-2 infinipot \\
+        infinipot:catalyst=question infinipot:pot-tokens=16384,catalyst=question hybrid --out results/ruler/qwen_tune
     # the same with --seeds 1 2 and --out results/ruler/*_report for the reported figures
 
     # split over GPUs (one process per GPU, each a share of --methods), then one set of tables:
