@@ -421,8 +421,12 @@ REPORT_STATS = ("method", "prompt_tokens", "chunks", "kept_chunks", "kept_spans"
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
-        """One line, not the usage block: --help lists the options. With several processes, rank 0's alone."""
-        self.exit(2, f"error: {message} (see --help)\n" if ranks.rank() == 0 else None)
+        """One line, not the usage block: --help lists the options. With several processes, rank 0's
+        alone; the others, which meet the same error, end quietly with status 0: a failed rank makes
+        torchrun stop the rest, rank 0 among them, perhaps before it has printed the line."""
+        if ranks.rank() == 0:
+            self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(0)
 
 
 def parse_args(argv):
