@@ -87,12 +87,13 @@ Deviations from RULER, all where the engine or a small model asks for them:
 
 Cost on one H100: --quick on Qwen2.5-1.5B took 4.4 minutes of the machine (measured); at 128K a
 prompt took (median, answer included) 0.5 s truncated, 0.9–1.4 s with ParallelComp, 2.3 s streaming,
-3.5 s with full attention or YaRN and 5.2 s with InfiniPot (measured, results/ruler/qwen_tune_slice1.json).
-The rest is estimated from the README's prefill and decode figures and from generating the prompts here: the
-grid above is 13 tasks × 5 depths = 65 prompts per length, each generated and tokenised once (about
-1 s at 128K, 3 s at 256K on a slow CPU) and answered by every method. Qwen2.5-1.5B, 10 methods,
-4K–256K: about 10 s per prompt and method summed over the 7 lengths (full attention 3 s at 128K,
-10 s at 256K), about 1.7 h; SmolLM2, 10 methods, 4K–128K: about 45 min; both seed sets twice that.
+3.5 s with full attention or YaRN and 5.2 s with InfiniPot (measured,
+results/ruler/qwen_tune_slice1.json). The rest is estimated from the README's prefill and decode
+figures and from generating the prompts here: the grid above is 13 tasks × 5 depths = 65 prompts per
+length, each generated and tokenised once (about 1 s at 128K, 3 s at 256K on a slow CPU) and
+answered by every method. Qwen2.5-1.5B, 10 methods, 4K–256K: about 10 s per prompt and method summed
+over the 7 lengths (full attention 3 s at 128K, 10 s at 256K), about 1.7 h; SmolLM2, 10 methods,
+4K–128K: about 45 min; both seed sets twice that.
 --quick: 13 × 3 prompts × 5 methods.
 """
 

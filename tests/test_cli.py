@@ -569,3 +569,14 @@ def test_the_question_is_laid_out_the_same_given_or_taken_from_the_document(tmp_
     taken = json_run(capsys, "--prompt", write(tmp_path / "b.txt", SENTENCE * 30 + "\n\n" + question), *asked)
     for key in ("prompt_tokens", "chunks", "kept_spans", "tokens"):
         assert given[key] == taken[key], key
+
+
+@pytest.mark.parametrize("rank, status, stderr", [("0", 2, "error: --processes 0: give 1 or more (see --help)\n"),
+                                                  ("1", 0, "")])
+def test_a_command_line_error_is_rank_0s_alone(rank, status, stderr, monkeypatch, capsys):
+    """Every rank meets the same command-line error: rank 0 says it and fails, the others end quietly
+    with status 0. A failed rank makes torchrun stop the others, which could stop rank 0 before its line."""
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as e:
+        main(["--prompt", "p.txt", "--processes", "0"])
+    assert (e.value.code, capsys.readouterr().err) == (status, stderr)
