@@ -58,7 +58,7 @@ def sha256(path: Path) -> str:
 
 def check_sha256(path: Path, expected: str):
     if (actual := sha256(path)) != expected:
-        raise WeightsError(f"{path.name}: sha256 is {actual}, expected {expected}: not the file we convert")
+        raise WeightsError(f"{path.name}: sha256 is {actual}, expected {expected}: not the published file")
 
 
 def append_member(archive: Path, member: str, out: Path):
