@@ -105,7 +105,7 @@ def layout(tok, document, question=None, instruction=None, chat=False):
     `tok`'s ids. The question follows the document verbatim, as prompt templates (LongBench's)
     expect: put the separator your format needs at its start (the command line puts QUESTION_SEPARATOR)."""
     instruction = instruction or ""
-    special = dict(bos_id=tok.bos_id, eos_ids=tok.eos_ids)
+    special = dict(bos_id=tok.bos_id, eos_ids=tok.eos_ids, sentence_end_ids=tok.sentence_end_ids)
     if chat:
         content = instruction + CONTEXT_MARK + (question or "")
         before, after = tok.render_chat([{"role": "user", "content": content}]).split(CONTEXT_MARK)

@@ -11,7 +11,8 @@ attention calibration can evict, in chosen layers, the cache tokens that draw ab
 (attention sinks). Decoding then continues from the assembled cache.
 
 Deviations from the original code (menik1126/ParallelComp), all deliberate:
-- chunks are cut on token boundaries of the once-tokenised context, not on characters;
+- chunks are cut on token boundaries of the once-tokenised context, not on characters, and
+  with cut_at=sentence moved to sentence ends (the original cuts anywhere, a fact in two halves);
 - caches are GQA-native; KV eviction and calibration select per KV head (the group's mean
   score, the union of the group's above-threshold tokens);
 - with KV eviction BOS is never a candidate but always kept, so BOS handling at assembly is the
@@ -20,6 +21,7 @@ Deviations from the original code (menik1126/ParallelComp), all deliberate:
   t >= N - w), and the question rows keep an exact causal mask after eviction.
 """
 
+import bisect
 import math
 import re
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ OBSERVATION_WINDOW = 8  # last question tokens whose attention scores a chunk's 
 POOL_KERNEL = 7  # KV eviction max-pools scores over neighbours so kept tokens come in runs
 MAX_BATCH_TOKENS = 16384  # one forward of this many tokens fills a GPU; the cap keeps memory independent of the prompt length
 REGIONS = ("sink", "recent", "middle", "all")
+CUTS = ("token", "sentence")  # where chunk boundaries may fall
+CUT_ROOM = 16  # cut_at=sentence leaves a 16th of chunk_tokens per chunk for its cuts to move in
 KV_PLACEMENTS = ("gather", "sharded")  # where the kept chunks' K/V go with several processes (distributed.py)
 
 
@@ -58,6 +62,12 @@ class Calibration:
         return cls(m[1], int(m[2]), int(m[3]))
 
 
+def cut_at(text):
+    if text not in CUTS:
+        raise ValueError(f"{text!r}: expected {' or '.join(CUTS)}")
+    return text
+
+
 def kv_placement(text):
     if text not in KV_PLACEMENTS:
         raise ValueError(f"{text!r}: expected {' or '.join(KV_PLACEMENTS)}")
@@ -68,6 +78,9 @@ def kv_placement(text):
 class ParallelCompConfig:
     chunk_tokens: int | None = option(None, "context tokens per chunk (default: what the trained window leaves "
                                       "after the head, the question and the answer)", parse=int)
+    cut_at: str = option("token", "where chunks are cut: token = evenly, on any token (the original cuts "
+                         "characters); sentence = each cut moved to the nearest sentence or line end that "
+                         "keeps every chunk within chunk-tokens", parse=cut_at, metavar="{" + ",".join(CUTS) + "}")
     top_k_chunks: int = option(3, "chunks kept (chunk eviction; the original keeps 1 for retrieval)", metavar="K")
     kv_budget: int | None = option(None, "context tokens kept per KV head in each chunk, by parallel KV-cache "
                                    "eviction (default: off)", parse=int)
@@ -89,6 +102,7 @@ class ParallelCompConfig:
                 (self.kv_budget is not None and self.kv_budget < 1, "kv_budget", "{} must be at least 1"),
                 (self.calibration is not None and self.calibration.last_layer >= n_layers, "calibration",
                  f"{{}} layers must be below the model's {n_layers} layers"),
+                (self.cut_at not in CUTS, "cut_at", f"{{}} must be {' or '.join(CUTS)}"),
                 (self.kv_placement not in KV_PLACEMENTS, "kv_placement", f"{{}} must be {' or '.join(KV_PLACEMENTS)}")):
             if bad:
                 raise OptionError(param, message)
@@ -108,11 +122,36 @@ class ChunkCache:
 
 # ---------------------------------------------------------------------------- chunking
 
-def chunk_spans(n_tokens, chunk_tokens):
-    """n = ceil(T / chunk_tokens) nearly equal, contiguous spans covering range(T)."""
-    n = max(1, math.ceil(n_tokens / chunk_tokens))
-    bounds = [i * n_tokens // n for i in range(n + 1)]
+def chunk_spans(n_tokens, chunk_tokens, breaks=None):
+    """n = ceil(T / chunk_tokens) contiguous spans covering range(T), cut at i·T/n (nearly equal).
+
+    breaks: sorted positions where a cut may fall (after a sentence end). Then n = ceil(T / (15/16
+    chunk_tokens)), so that every chunk has room to grow, and each cut moves to the break nearest
+    its even place among those that keep this chunk and the rest within chunk_tokens; where there
+    is none it stays.
+    """
+    even = chunk_tokens if breaks is None else chunk_tokens - chunk_tokens // CUT_ROOM
+    n = max(1, math.ceil(n_tokens / even))
+    bounds = [0]
+    for i in range(1, n):
+        lo = max(bounds[-1] + 1, n_tokens - (n - i) * chunk_tokens)  # the n - i chunks after it still fit
+        hi = min(bounds[-1] + chunk_tokens, n_tokens - (n - i))  # this one fits, the next ones are not empty
+        bounds.append(nearest_break(breaks or (), min(max(i * n_tokens // n, lo), hi), lo, hi))
+    bounds.append(n_tokens)
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def nearest_break(breaks, target, lo, hi):
+    """The element of breaks in [lo, hi] nearest target (the earlier on a tie), else target."""
+    j = bisect.bisect_left(breaks, target)
+    near = [b for b in breaks[max(j - 1, 0):j + 1] if lo <= b <= hi]
+    return min(near, key=lambda b: (abs(b - target), b), default=target)
+
+
+def sentence_breaks(prompt):
+    """Positions in prompt's context right after a token that ends a sentence or a line."""
+    ends = prompt.sentence_end_ids
+    return [j for j, t in enumerate(prompt.context[:-1], 1) if t in ends]
 
 
 def default_chunk_tokens(window, head_len, question_len, answer_budget):
@@ -339,7 +378,8 @@ def split_context(model, prompt, config, answer_budget):
     config.validate(model.config)
     window, question = model.config.max_position_embeddings, prompt.question
     chunk_tokens = config.chunk_tokens or default_chunk_tokens(window, len(prompt.head), len(question), answer_budget)
-    return chunk_spans(len(prompt.context), chunk_tokens)
+    breaks = sentence_breaks(prompt) if config.cut_at == "sentence" else None
+    return chunk_spans(len(prompt.context), chunk_tokens, breaks)
 
 
 def encode_question(model, prompt, spans, kept, config, answer_budget):
@@ -370,7 +410,8 @@ def prefill_stats(prompt, spans, kept, kv_budget, S, calibration_evicted):
 def select_chunks(model, prompt, spans, indices, config, on_progress):
     """Encode the chunks `indices` of spans in batches, keeping the top-k after each: the kept
     ChunkCaches in document order."""
-    batch = chunk_batch_size(model, len(prompt.head) + len(spans[0]) + len(prompt.question), len(indices))
+    longest = max(len(spans[j]) for j in indices)
+    batch = chunk_batch_size(model, len(prompt.head) + longest + len(prompt.question), len(indices))
     kept, done = [], 0
     while done < len(indices):
         try:  # no name holds the batch's caches: the evicted ones are freed before the next batch

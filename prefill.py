@@ -87,13 +87,15 @@ class Prompt:
 
     head precedes the context (BOS, chat-template head, instruction; ParallelComp repeats it in
     every chunk); question is the question block (BOS + question, chat-template tail), empty for
-    a plain continuation. eos_ids: the end-of-turn tokens, which a question's score ignores.
+    a plain continuation. eos_ids: the end-of-turn tokens, which a question's score ignores;
+    sentence_end_ids: the tokens that end a sentence or a line (Tokenizer.sentence_end_ids).
     """
     head: list[int]
     context: list[int]
     question: list[int]
     bos_id: int | None = None
     eos_ids: frozenset = frozenset()
+    sentence_end_ids: frozenset = frozenset()
 
     def ids(self):
         return self.head + self.context + self.question

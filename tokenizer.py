@@ -16,6 +16,9 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
+SENTENCE_ENDS = (".", "!", "?", "\u3002", "\uff01", "\uff1f")  # and the CJK full stop, exclamation and question marks
+
+
 class TokenizerError(Exception):
     """A tokenizer file, its configuration or a chat template cannot be used."""
 
@@ -173,6 +176,13 @@ class Tokenizer:
     def decode(self, ids) -> str:
         """Text of `ids`, special tokens skipped."""
         return self.backend.decode([int(i) for i in ids])
+
+    @cached_property
+    def sentence_end_ids(self) -> frozenset:
+        """Tokens after which a sentence or a line has ended: their text ends with . ! ? (trailing
+        spaces aside) or holds a line break. ParallelComp may cut its chunks after them."""
+        texts = ((i, self.backend.decode([i])) for i in range(self.vocab_size))
+        return frozenset(i for i, text in texts if text.rstrip(" ").endswith(SENTENCE_ENDS) or "\n" in text)
 
     @cached_property
     def compiled_chat_template(self) -> jinja2.Template:

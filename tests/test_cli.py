@@ -28,7 +28,7 @@ from conftest import REPO, STORIES, ctrl_c_enabled, shared, stories_heads
 from engine import ProgressBar, main, memory_advice
 from hybrid import PATTERNS
 from methods import METHODS, flag_of
-from parallelcomp import KV_PLACEMENTS, chunk_spans
+from parallelcomp import CUTS, KV_PLACEMENTS, chunk_spans
 from reference import load_float64, ref_greedy
 from tokenizer import Tokenizer
 MODEL = ["--model", str(STORIES), "--device", "cpu"]
@@ -291,6 +291,7 @@ def test_help_gives_every_option_help_a_named_value_and_its_default_once(monkeyp
     assert all(re.fullmatch(r"\{[a-z0-9,]+\}|[A-Z]+([:-][A-Z]+)*", metavar) for metavar in metavars), metavars
     assert f"--hybrid-pattern {{{','.join(PATTERNS)}}}" in options
     assert f"--kv-placement {{{','.join(KV_PLACEMENTS)}}}" in options
+    assert f"--cut-at {{{','.join(CUTS)}}}" in options
     assert f"--method {{{','.join(['auto', *METHODS])}}}" in options
 
 

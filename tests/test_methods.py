@@ -20,7 +20,7 @@ SAMPLES = {
     "retaining_heads": ("heads.safetensors", "heads.safetensors"),
     "pattern": ("block", "block"), "sink_tokens": ("8", 8), "window_tokens": ("56", 56), "block_tokens": ("16", 16),
     "local_blocks": ("4", 4), "vert_stride": ("2", 2), "full_layers": ("1-2", (1, 2)),
-    "kv_placement": ("sharded", "sharded"), "factor": ("2.5", 2.5),
+    "kv_placement": ("sharded", "sharded"), "cut_at": ("sentence", "sentence"), "factor": ("2.5", 2.5),
 }
 
 

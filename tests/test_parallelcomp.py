@@ -3,7 +3,7 @@
 stories260K (a real Llama with BOS, trained on 512 tokens) is the model; contexts of a few hundred
 tokens cut into 150-token chunks make every step visible: chunk scores, which chunks survive,
 where each kept token lands in the assembled cache, the positions of the question, and what KV
-eviction and calibration remove. chunk_spans is also checked on any lengths (hypothesis).
+eviction and calibration remove. chunk_spans is also checked on any lengths and breaks (hypothesis).
 """
 
 import gc
@@ -88,6 +88,48 @@ def test_chunks_cover_the_context_once_in_order_within_budget(n_tokens, chunk_to
     lengths = [len(span) for span in spans]
     assert 1 <= min(lengths) and max(lengths) <= chunk_tokens
     assert max(lengths) - min(lengths) <= 1
+
+
+def test_chunk_spans_at_breaks_by_hand():
+    # 4 chunks (of at most 30 - 30 // 16 = 29), even cuts 25, 50, 75; cut 2 may fall in [40, 54] (chunk 2 <= 30 tokens, chunks 3-4 <= 60), cut 3 only at 70
+    breaks = [10, 20, 24, 26, 40, 55, 70, 90]
+    assert chunk_spans(100, 30, breaks) == [range(0, 24), range(24, 40), range(40, 70), range(70, 100)]
+    assert chunk_spans(100, 30, [33, 66]) == [range(0, 25), range(25, 50), range(50, 75), range(75, 100)]  # out of reach
+    assert chunk_spans(100, 30, list(range(100))) == chunk_spans(100, 30)  # every token a break: the even cuts
+
+
+@given(n_tokens=st.integers(1, 5_000), chunk_tokens=st.integers(1, 1_000), data=st.data())
+def test_cuts_fall_on_the_nearest_reachable_break(n_tokens, chunk_tokens, data):
+    breaks = sorted(data.draw(st.sets(st.integers(1, n_tokens - 1), max_size=60)) if n_tokens > 1 else ())
+    spans = chunk_spans(n_tokens, chunk_tokens, breaks)
+    n = math.ceil(n_tokens / (chunk_tokens - chunk_tokens // 16))  # room for the cuts to move
+    assert len(spans) == n and spans[0].start == 0 and spans[-1].stop == n_tokens
+    assert all(a.stop == b.start for a, b in zip(spans, spans[1:]))
+    assert all(1 <= len(span) <= chunk_tokens for span in spans)
+    for i, span in enumerate(spans[1:], 1):
+        prev, cut = span.start - len(spans[i - 1]), span.start
+        reachable = [b for b in breaks if 0 < b - prev <= chunk_tokens and n - i <= n_tokens - b <= (n - i) * chunk_tokens]
+        even = min(max(i * n_tokens // n, n_tokens - (n - i) * chunk_tokens, prev + 1), prev + chunk_tokens)
+        if reachable:
+            assert cut in reachable and abs(cut - even) == min(abs(b - even) for b in reachable)
+        else:
+            assert cut == even
+
+
+def test_sentence_cuts_keep_sentences_whole():
+    """cut_at=sentence through the engine: every chunk of a story (2,214 stories260K tokens, a line
+    or sentence end every ~30) ends where a sentence or a line does; the cuts by token do not."""
+    engine = Engine(STORIES, "cpu")
+    story = (BOOKS / "frankenstein.txt").read_text()[20000:24000]
+    ends = set()
+    for cut_at in ("token", "sentence"):
+        config = ParallelCompConfig(chunk_tokens=400, top_k_chunks=100, cut_at=cut_at)
+        out = engine.generate(story, "What did the monster see?", method="parallelcomp", config=config, max_new_tokens=1)
+        prompt = engine.layout(story, "\n\nWhat did the monster see?")
+        last = [engine.tokenizer.decode(prompt.context[stop - 1:stop]) for _, stop in out.stats["kept_spans"][:-1]]
+        ends.add(all(t.rstrip(" ").endswith((".", "!", "?")) or "\n" in t for t in last))
+        assert out.stats["chunks"] == len(out.stats["kept_spans"]) == math.ceil(len(prompt.context) / (400 - 25 * (cut_at == "sentence")))
+    assert ends == {False, True}
 
 
 def test_empty_context_is_one_empty_chunk():

@@ -55,6 +55,15 @@ def test_stories260K_special_ids(stories):
     assert stories.decode([1, 403, 2]) == "Once"
 
 
+@pytest.mark.parametrize("name, marks", [("stories", ".?!\n.."),  # 。 is three byte tokens there
+                                         ("llama2", ".?!\n.\u3002."), ("llama3", ".?!\n.\u3002.")])
+def test_sentence_end_ids_are_the_tokens_that_end_a_sentence_or_a_line(name, marks, request):
+    tok = request.getfixturevalue(name)
+    ids = tok.encode("It rained. Did it? Yes!\nNo 3.14 \u3002 Mr Smith said so.")
+    assert "".join(tok.decode([i]) for i in ids if i in tok.sentence_end_ids).replace(" ", "") == marks
+    assert not tok.sentence_end_ids & {tok.bos_id, *tok.eos_ids}
+
+
 def test_llama2_matches_sentencepiece(llama2):
     sp = sentencepiece.SentencePieceProcessor(model_file=str(shared("models/llama2-tokenizer/tokenizer.model")))
     for text in TEXTS:
