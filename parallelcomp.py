@@ -125,13 +125,14 @@ class ChunkCache:
 def chunk_spans(n_tokens, chunk_tokens, breaks=None):
     """n = ceil(T / chunk_tokens) contiguous spans covering range(T), cut at i·T/n (nearly equal).
 
-    breaks: sorted positions where a cut may fall (after a sentence end). Then n = ceil(T / (15/16
-    chunk_tokens)), so that every chunk has room to grow, and each cut moves to the break nearest
-    its even place among those that keep this chunk and the rest within chunk_tokens; where there
-    is none it stays.
+    breaks: sorted positions where a cut may fall (after a sentence end). A context that needs cuts
+    then gets n = ceil(T / (15/16 chunk_tokens)), so that every chunk has room to grow, and each
+    cut moves to the break nearest its even place among those that keep this chunk and the rest
+    within chunk_tokens; where there is none it stays.
     """
-    even = chunk_tokens if breaks is None else chunk_tokens - chunk_tokens // CUT_ROOM
-    n = max(1, math.ceil(n_tokens / even))
+    n = max(1, math.ceil(n_tokens / chunk_tokens))
+    if n > 1 and breaks is not None:
+        n = math.ceil(n_tokens / (chunk_tokens - chunk_tokens // CUT_ROOM))
     bounds = [0]
     for i in range(1, n):
         lo = max(bounds[-1] + 1, n_tokens - (n - i) * chunk_tokens)  # the n - i chunks after it still fit

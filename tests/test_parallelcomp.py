@@ -96,13 +96,16 @@ def test_chunk_spans_at_breaks_by_hand():
     assert chunk_spans(100, 30, breaks) == [range(0, 24), range(24, 40), range(40, 70), range(70, 100)]
     assert chunk_spans(100, 30, [33, 66]) == [range(0, 25), range(25, 50), range(50, 75), range(75, 100)]  # out of reach
     assert chunk_spans(100, 30, list(range(100))) == chunk_spans(100, 30)  # every token a break: the even cuts
+    assert chunk_spans(30, 30, [10, 20]) == [range(0, 30)]  # no cut, no room needed
+    assert len(chunk_spans(59, 30, [])) == 3 and len(chunk_spans(59, 30)) == 2  # sized for 29, room for the cuts
 
 
 @given(n_tokens=st.integers(1, 5_000), chunk_tokens=st.integers(1, 1_000), data=st.data())
 def test_cuts_fall_on_the_nearest_reachable_break(n_tokens, chunk_tokens, data):
     breaks = sorted(data.draw(st.sets(st.integers(1, n_tokens - 1), max_size=60)) if n_tokens > 1 else ())
     spans = chunk_spans(n_tokens, chunk_tokens, breaks)
-    n = math.ceil(n_tokens / (chunk_tokens - chunk_tokens // 16))  # room for the cuts to move
+    n = math.ceil(n_tokens / (chunk_tokens - chunk_tokens // 16))  # room for the cuts to move ...
+    n = 1 if n_tokens <= chunk_tokens else n  # ... where there are cuts
     assert len(spans) == n and spans[0].start == 0 and spans[-1].stop == n_tokens
     assert all(a.stop == b.start for a, b in zip(spans, spans[1:]))
     assert all(1 <= len(span) <= chunk_tokens for span in spans)
