@@ -50,16 +50,17 @@ GPU runs (one H100; times as estimated in the last paragraph):
     python eval/ruler.py --quick --out results/ruler/quick_smollm2
     python eval/ruler.py --quick --model qwen2.5-1.5b --out results/ruler/quick_qwen
 
-    # the grid, tuning set (seed 0); SmolLM2 to 128K, Qwen2.5-1.5B to 256K
+    # the grid, tuning set (seed 0); SmolLM2 to 128K, Qwen2.5-1.5B to 256K; parallelcomp: its defaults
+    # (4K chunks cut at sentence ends, top 2), then the other sizes, and cuts anywhere (the original's)
     P=parallelcomp:chunk-tokens
-    python eval/ruler.py --lengths 4096 8192 16384 32768 65536 131072 --methods full truncate streaming \\
-        parallelcomp $P=8192,top-k-chunks=2 $P=4096,top-k-chunks=2 $P=4096,top-k-chunks=4 \\
-        parallelcomp:kv-budget=1024 parallelcomp:calibrate=sink:1-2 infinipot infinipot:catalyst=question \\
+    PC="parallelcomp $P=8192,top-k-chunks=2 $P=2048,top-k-chunks=4 $P=4096,top-k-chunks=4 parallelcomp:cut-at=token"
+    python eval/ruler.py --lengths 4096 8192 16384 32768 65536 131072 --methods full truncate streaming $PC \
+        parallelcomp:kv-budget=1024 parallelcomp:calibrate=sink:1-2 infinipot infinipot:catalyst=question \
         locret hybrid --out results/ruler/smollm2_tune
-    python eval/ruler.py --model qwen2.5-1.5b --lengths 4096 8192 16384 32768 65536 131072 262144 \\
-        --methods full yarn truncate streaming parallelcomp $P=8192,top-k-chunks=2 $P=4096,top-k-chunks=2 \\
-        $P=4096,top-k-chunks=4 parallelcomp:kv-budget=1024 parallelcomp:calibrate=sink:1-2 infinipot \\
-        infinipot:catalyst=question infinipot:pot-tokens=16384,catalyst=question hybrid --out results/ruler/qwen_tune
+    python eval/ruler.py --model qwen2.5-1.5b --lengths 4096 8192 16384 32768 65536 131072 262144 \
+        --methods full yarn truncate streaming $PC parallelcomp:kv-budget=1024 parallelcomp:calibrate=sink:1-2 \
+        infinipot infinipot:catalyst=question infinipot:pot-tokens=16384,catalyst=question hybrid \
+        --out results/ruler/qwen_tune
     # the same with --seeds 1 2 and --out results/ruler/*_report for the reported figures
 
     # split over GPUs (one process per GPU, each a share of --methods), then one set of tables:
@@ -636,23 +637,39 @@ def task_scores(rows):
                 for n, by_task in by_length.items()} for m, by_length in cells.items()}
 
 
-def average(by_task):
-    """The RULER average: the mean of the task scores; None if any is None."""
-    scores = list(by_task.values())
-    return None if None in scores else sum(scores) / len(scores)
+def finished_tasks(rows):
+    """{length: the tasks every method at that length has answered as many prompts of as any task
+    there}: a run stopped midway (or merged with a longer one) is averaged over those alone."""
+    counts = Counter((r["length"], r["method"], r["task"]) for r in rows)
+    finished = {}
+    for n in dict.fromkeys(r["length"] for r in rows):
+        at_n = {(m, t): c for (length, m, t), c in counts.items() if length == n}
+        methods, tasks = {m for m, _ in at_n}, dict.fromkeys(t for _, t in at_n)
+        most = max(at_n.values())
+        finished[n] = [t for t in tasks if all(at_n.get((m, t)) == most for m in methods)]
+    return finished
+
+
+def average(by_task, tasks):
+    """The RULER average: the mean of the scores of `tasks`; None if any is None or there are none."""
+    scores = [by_task.get(t) for t in tasks]
+    return None if None in scores or not scores else sum(scores) / len(scores)
 
 
 def cell(score):
     return "–" if score is None else f"{score:.1f}"
 
 
-def tables(scores):
-    """The markdown tables: the average (methods × lengths) and every task's (task, length × methods)."""
+def tables(scores, finished):
+    """The markdown tables: the average over the finished tasks (methods × lengths; a length's
+    header says how many tasks where not all) and every task's (task, length × methods)."""
     methods = list(scores)
     lengths = sorted({n for m in methods for n in scores[m]})
     tasks = list(dict.fromkeys(t for m in methods for n in scores[m] for t in scores[m][n]))
-    averages = markdown_table(["method"] + [length_label(n) for n in lengths],
-                              [[m] + [cell(average(scores[m][n])) if n in scores[m] else "" for n in lengths]
+    header = [length_label(n) + ("" if len(finished[n]) == len(tasks) else f" ({len(finished[n])} of {len(tasks)} tasks)")
+              for n in lengths]
+    averages = markdown_table(["method"] + header,
+                              [[m] + [cell(average(scores[m][n], finished[n])) if n in scores[m] else "" for n in lengths]
                                for m in methods])
     per_task = markdown_table(["task", "length"] + methods,
                               [[t, length_label(n)] + [cell(scores[m].get(n, {}).get(t)) for m in methods]
@@ -660,12 +677,14 @@ def tables(scores):
     return averages, per_task
 
 
-def heatmap(scores, method, path):
-    """Task scores (and the average) per length of one method, as fractions; NaN where absent."""
+def heatmap(scores, finished, method, path):
+    """Task scores (and the average over the finished tasks) per length of one method, as
+    fractions; NaN where absent."""
     by_length = scores[method]
     lengths = sorted(by_length)
     tasks = list(dict.fromkeys(t for n in lengths for t in by_length[n]))
-    grid = [[by_length[n].get(t) for n in lengths] for t in tasks] + [[average(by_length[n]) for n in lengths]]
+    grid = [[by_length[n].get(t) for n in lengths] for t in tasks] + [[average(by_length[n], finished[n])
+                                                                         for n in lengths]]
     grid = [[math.nan if v is None else v / 100 for v in row] for row in grid]
     draw_heatmap(grid, [length_label(n) for n in lengths], tasks + ["average"], "context length (tokens)", "task",
                  f"RULER, {method}", path)
@@ -673,11 +692,11 @@ def heatmap(scores, method, path):
 
 def report(rows, prefix, **extra):
     """PREFIX.json complete, a heatmap per method, the tables printed."""
-    scores = task_scores(rows)
+    scores, finished = task_scores(rows), finished_tasks(rows)
     rows.finish(scores=scores, **extra)
     for method in scores:
-        heatmap(scores, method, output_path(prefix, f"_{file_label(method)}.png"))
-    averages, per_task = tables(scores)
+        heatmap(scores, finished, method, output_path(prefix, f"_{file_label(method)}.png"))
+    averages, per_task = tables(scores, finished)
     print(f"RULER average\n\n{averages}\n\nper task\n\n{per_task}")
 
 

@@ -95,6 +95,20 @@ def test_qa_tasks_score_part_the_others_all():
     assert len(ruler.TASKS) == 13 and all(spec.metric in ruler.METRICS for spec in ruler.TASKS.values())
 
 
+def test_a_stopped_run_is_averaged_over_the_tasks_every_method_finished():
+    """Two methods at one length, two prompts a task; b stopped after one prompt of vt and before
+    cwe: the average is over niah_single_1 alone, and the header says so."""
+    def row(method, task, score):
+        return dict(method=method, task=task, length=4096, score=score)
+    rows = [row(m, "niah_single_1", s) for m, s in (("a", 1.0), ("a", 0.0), ("b", 1.0), ("b", 1.0))]
+    rows += [row("a", "vt", 1.0), row("a", "vt", 1.0), row("b", "vt", 0.0), row("a", "cwe", 0.0), row("a", "cwe", 0.0)]
+    finished = ruler.finished_tasks(rows)
+    assert finished == {4096: ["niah_single_1"]}
+    averages, _ = ruler.tables(ruler.task_scores(rows), finished)
+    assert averages.splitlines()[0] == "| method | 4K (1 of 3 tasks) |"
+    assert averages.splitlines()[2:] == ["| a | 50.0 |", "| b | 100.0 |"]
+
+
 # ---------------------------------------------------------------------------- building blocks
 
 def test_insert_puts_needles_at_the_last_boundary_before_their_depth():
@@ -293,7 +307,7 @@ def test_end_to_end_on_stories(tmp_path, wheel, capsys):
     merged = json.loads((tmp_path / "ab.json").read_text())
     assert len(merged["rows"]) == 26 + 2 and merged["scores"]["streaming"].keys() == {"2560"}
     averages = capsys.readouterr().out.split("\n\n")[1].splitlines()
-    assert averages[0] == "| method | 2K | 2560 |" and len(averages) == 2 + 3
+    assert averages[0] == "| method | 2K | 2560 (2 of 13 tasks) |" and len(averages) == 2 + 3  # b asked for 2
     full, streaming = averages[2].split(" | "), averages[4].split(" | ")
     assert full[0] == "| full" and full[2] == " |" and streaming[0] == "| streaming" and streaming[1] == ""
     assert float(full[1]) == pytest.approx(sum(scores["full"]["2048"].values()) / 13, abs=0.05)
