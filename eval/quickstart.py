@@ -25,7 +25,7 @@ QUESTION = "What is the code to open the captain's safe?"
 CODE = "4721"
 OTHERS = ("full", "truncate", "streaming", "infinipot", "locret", "hybrid")
 RUNS = {  # label: the flags after the README's common ones
-    "parallelcomp": ["--top-k-chunks", "1"],  # the quick start: past the window, auto runs ParallelComp
+    "parallelcomp": ["--chunk-tokens", "2048", "--top-k-chunks", "1"],  # the quick start: auto runs ParallelComp
     "auto": [],  # ParallelComp with its default options
     **{method: ["--method", method] for method in OTHERS},
 }

@@ -401,7 +401,7 @@ def test_json_and_progress_bar_on_a_terminal(tmp_path):
     prompt = write(tmp_path / "p.txt", document)
     terminal, stderr = pty.openpty()
     p = subprocess.Popen([sys.executable, "engine.py", "--prompt", prompt, "--question", "Where did the dog run?",
-                          *MODEL, "--max-new-tokens", "8", "--chunk-tokens", "400", "--kv-budget", "100", "--json"],
+                          *MODEL, "--max-new-tokens", "8", "--chunk-tokens", "400", "--cut-at", "token", "--kv-budget", "100", "--json"],
                          cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, env=ENV)
     os.close(stderr)
     shown = b""
@@ -424,7 +424,7 @@ def test_json_and_progress_bar_on_a_terminal(tmp_path):
         "decode_seconds": result["decode_seconds"], "generated_tokens": len(result["tokens"]),
         "decode_tokens_per_second": result["decode_tokens_per_second"],
         "peak_memory_bytes": result["peak_memory_bytes"], "interrupted": False}
-    assert len(kept) == 3 and 1 <= len(result["tokens"]) <= 8
+    assert len(kept) == 2 and 1 <= len(result["tokens"]) <= 8  # the default top-k
     assert result["prefill_seconds"] > 0 and result["decode_seconds"] > 0 and result["peak_memory_bytes"] > 0
 
     lines = shown.decode().split("\r")  # the terminal turns "\n" into "\r\n"

@@ -139,7 +139,7 @@ def test_the_question_is_laid_out_the_same_given_or_taken_from_the_document(engi
 
 
 def test_auto_applies_a_parallelcomp_config_only_when_it_chooses_parallelcomp(engine, paragraphs):
-    config = ParallelCompConfig(chunk_tokens=300, top_k_chunks=1)
+    config = ParallelCompConfig(chunk_tokens=300, top_k_chunks=1, cut_at="token")
     long = "\n\n".join(paragraphs[:3])
     out = engine.generate(long, "\n\nWho?", config=config, max_new_tokens=2)
     context = len(engine.tokenizer.encode(long))
@@ -205,7 +205,7 @@ def test_chat_without_a_question_end_to_end(chat_engine, paragraphs):
     assert sorted(nll)[1] - nll[best] > 1e-3, "a clear winner"
     assert best != min(range(len(spans)), key=lambda j: question_nll(chat_engine.model, by_template, spans[j]))
     out = chat_engine.generate(document, chat=True, max_new_tokens=2,
-                               config=ParallelCompConfig(chunk_tokens=300, top_k_chunks=1))
+                               config=ParallelCompConfig(chunk_tokens=300, top_k_chunks=1, cut_at="token"))
     assert out.stats["method"] == "parallelcomp" and out.stats["chunks"] == len(spans)
     assert out.stats["kept_spans"] == [[spans[best].start, spans[best].stop]]
 

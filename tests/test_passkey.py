@@ -28,7 +28,8 @@ def test_parallelcomp_finds_the_passkey_in_8k_tokens(engine, depth, key):
     document = passkey_document(engine.tokenizer, 8192, depth, key)
     out = engine.generate(document, QUESTION, instruction=INSTRUCTION, method="parallelcomp", max_new_tokens=8,
                           config=ParallelCompConfig(chunk_tokens=2048, top_k_chunks=1))
-    assert 7800 <= out.stats["prompt_tokens"] <= 8192 and out.stats["chunks"] == 4
+    # sentence cuts need room: chunks of at most 2048 - 2048 // 16 tokens, 5 for ~7,850 context tokens
+    assert 7800 <= out.stats["prompt_tokens"] <= 8192 and out.stats["chunks"] == 5
     key_at = len(engine.tokenizer.encode(document[:document.index(key)]))
     [(start, stop)] = out.stats["kept_spans"]
     assert start <= key_at < stop, "the chunk holding the key is the one kept"

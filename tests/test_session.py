@@ -108,7 +108,8 @@ def test_what_a_question_runs(engine, document):
     catalyst the whole stream again."""
     tok = engine.tokenizer
     context = len(tok.encode(document))
-    session = engine.open(document, method="parallelcomp", max_new_tokens=BUDGET)
+    session = engine.open(document, method="parallelcomp", config=ParallelCompConfig(cut_at="token"),
+                          max_new_tokens=BUDGET)
     n = len(chunk_spans(context, 512 - 1 - 0 - BUDGET))  # encoded for an empty question
     short, long = (1 + len(tok.encode(q)) for q in (SHORT, LONG))
     assert session.ask(SHORT).stats["encoded_tokens"] == (n + 1) * short
