@@ -11,8 +11,10 @@ attention calibration can evict, in chosen layers, the cache tokens that draw ab
 (attention sinks). Decoding then continues from the assembled cache.
 
 Deviations from the original code (menik1126/ParallelComp), all deliberate:
-- chunks are cut on token boundaries of the once-tokenised context, not on characters, and
-  with cut_at=sentence moved to sentence ends (the original cuts anywhere, a fact in two halves);
+- chunks are cut on token boundaries of the once-tokenised context, not on characters, and by
+  default moved to sentence ends (cut_at; the original cuts anywhere, a fact in two halves);
+- by default chunks hold at most 4,096 tokens and 2 are kept (the original: nearly the window, 3),
+  the setting that won RULER on both embedded models;
 - caches are GQA-native; KV eviction and calibration select per KV head (the group's mean
   score, the union of the group's above-threshold tokens);
 - with KV eviction BOS is never a candidate but always kept, so BOS handling at assembly is the
@@ -85,7 +87,8 @@ class ParallelCompConfig:
     cut_at: str = option("sentence", "where chunks are cut: sentence = each cut moved to the nearest sentence or "
                          "line end that keeps every chunk within chunk-tokens; token = evenly, on any token (the "
                          "original cuts characters)", parse=cut_at, metavar="{" + ",".join(CUTS) + "}")
-    top_k_chunks: int = option(2, "chunks kept (chunk eviction; the original keeps 3, and 1 for retrieval tasks)", metavar="K")
+    top_k_chunks: int = option(2, "chunks kept (chunk eviction; the original keeps 3, and 1 for retrieval tasks)",
+                               metavar="K")
     kv_budget: int | None = option(None, "context tokens kept per KV head in each chunk, by parallel KV-cache "
                                    "eviction (default: off)", parse=int)
     calibration: Calibration | None = option(None, "attention calibration in layers FIRST..LAST of the query "

@@ -111,7 +111,8 @@ def test_cuts_fall_on_the_nearest_reachable_break(n_tokens, chunk_tokens, data):
     assert all(1 <= len(span) <= chunk_tokens for span in spans)
     for i, span in enumerate(spans[1:], 1):
         prev, cut = span.start - len(spans[i - 1]), span.start
-        reachable = [b for b in breaks if 0 < b - prev <= chunk_tokens and n - i <= n_tokens - b <= (n - i) * chunk_tokens]
+        reachable = [b for b in breaks  # this chunk fits, and the rest fit in n - i non-empty chunks
+                     if 0 < b - prev <= chunk_tokens and n - i <= n_tokens - b <= (n - i) * chunk_tokens]
         even = min(max(i * n_tokens // n, n_tokens - (n - i) * chunk_tokens, prev + 1), prev + chunk_tokens)
         if reachable:
             assert cut in reachable and abs(cut - even) == min(abs(b - even) for b in reachable)
@@ -131,7 +132,8 @@ def test_sentence_cuts_keep_sentences_whole():
         prompt = engine.layout(story, "\n\nWhat did the monster see?")
         last = [engine.tokenizer.decode(prompt.context[stop - 1:stop]) for _, stop in out.stats["kept_spans"][:-1]]
         ends.add(all(t.rstrip(" ").endswith((".", "!", "?")) or "\n" in t for t in last))
-        assert out.stats["chunks"] == len(out.stats["kept_spans"]) == math.ceil(len(prompt.context) / (400 - 25 * (cut_at == "sentence")))
+        size = 400 - 400 // 16 * (cut_at == "sentence")
+        assert out.stats["chunks"] == len(out.stats["kept_spans"]) == math.ceil(len(prompt.context) / size)
     assert ends == {False, True}
 
 
