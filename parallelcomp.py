@@ -138,14 +138,16 @@ def chunk_spans(n_tokens, chunk_tokens, breaks=None):
     within chunk_tokens; where there is none it stays.
     """
     n = max(1, math.ceil(n_tokens / chunk_tokens))
-    if n > 1 and breaks is not None:
+    if breaks is None or n == 1:
+        bounds = [i * n_tokens // n for i in range(n + 1)]
+    else:
         n = math.ceil(n_tokens / (chunk_tokens - chunk_tokens // CUT_ROOM))
-    bounds = [0]
-    for i in range(1, n):
-        lo = max(bounds[-1] + 1, n_tokens - (n - i) * chunk_tokens)  # the n - i chunks after it still fit
-        hi = min(bounds[-1] + chunk_tokens, n_tokens - (n - i))  # this one fits, the next ones are not empty
-        bounds.append(nearest_break(breaks or (), min(max(i * n_tokens // n, lo), hi), lo, hi))
-    bounds.append(n_tokens)
+        bounds = [0]
+        for i in range(1, n):
+            lo = max(bounds[-1] + 1, n_tokens - (n - i) * chunk_tokens)  # the n - i chunks after it still fit
+            hi = min(bounds[-1] + chunk_tokens, n_tokens - (n - i))  # this one fits, the next ones are not empty
+            bounds.append(nearest_break(breaks, min(max(i * n_tokens // n, lo), hi), lo, hi))
+        bounds.append(n_tokens)
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
