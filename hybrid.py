@@ -40,12 +40,6 @@ QUERY_BLOCK = 1024  # sparse layers' prefill: queries per attention call
 CONFIG_KEY = "hybrid_attention"  # config.json: {"full_layers": [first, last], "pattern": ..., any HybridConfig field}
 
 
-def parse_pattern(text):
-    if text not in PATTERNS:
-        raise ValueError(f"{text!r}: expected one of {', '.join(PATTERNS)}")
-    return text
-
-
 def parse_layers(text):
     """'10-19' -> (10, 19); '12' -> (12, 12)."""
     m = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
@@ -57,8 +51,7 @@ def parse_layers(text):
 @dataclass(frozen=True)
 class HybridConfig:
     pattern: str = option("window", "sparse layers' attention: window (sink + recent tokens) or block "
-                          "(local + strided blocks)", parse=parse_pattern, flag="--hybrid-pattern",
-                          metavar="{" + ",".join(PATTERNS) + "}")
+                          "(local + strided blocks)", flag="--hybrid-pattern", choices=PATTERNS)
     sink_tokens: int = option(64, "window pattern: first tokens every sparse layer keeps")
     window_tokens: int = option(1984, "window pattern: most recent tokens (the query included) a sparse layer keeps")
     block_tokens: int = option(64, "block pattern: tokens per block")

@@ -67,18 +67,6 @@ class Calibration:
         return cls(m[1], int(m[2]), int(m[3]))
 
 
-def cut_at(text):
-    if text not in CUTS:
-        raise ValueError(f"{text!r}: expected {' or '.join(CUTS)}")
-    return text
-
-
-def kv_placement(text):
-    if text not in KV_PLACEMENTS:
-        raise ValueError(f"{text!r}: expected {' or '.join(KV_PLACEMENTS)}")
-    return text
-
-
 @dataclass(frozen=True)
 class ParallelCompConfig:
     chunk_tokens: int | None = option(None, f"context tokens per chunk (default: {CHUNK_TOKENS}, or what the "
@@ -86,7 +74,7 @@ class ParallelCompConfig:
                                       "that is less)", parse=int)
     cut_at: str = option("sentence", "where chunks are cut: sentence = each cut moved to the nearest sentence or "
                          "line end that keeps every chunk within chunk-tokens; token = evenly, on any token (the "
-                         "original cuts characters)", parse=cut_at, metavar="{" + ",".join(CUTS) + "}")
+                         "original cuts characters)", choices=CUTS)
     top_k_chunks: int = option(2, "chunks kept (chunk eviction; the original keeps 3, and 1 for retrieval tasks)",
                                metavar="K")
     kv_budget: int | None = option(None, "context tokens kept per KV head in each chunk, by parallel KV-cache "
@@ -96,8 +84,7 @@ class ParallelCompConfig:
                                              flag="--calibrate", metavar="REGION:FIRST-LAST")
     kv_placement: str = option("gather", "with several processes: gather = the kept chunks' K/V go to "
                                "rank 0, which decodes alone; sharded = they stay where they were encoded and "
-                               "attention is merged across processes", parse=kv_placement,
-                               metavar="{" + ",".join(KV_PLACEMENTS) + "}")
+                               "attention is merged across processes", choices=KV_PLACEMENTS)
 
     def validate(self, model_config):
         window, n_layers = model_config.max_position_embeddings, model_config.n_layers

@@ -74,11 +74,23 @@ def available_memory(meminfo="/proc/meminfo"):
         return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
 
 
-def option(default, help, parse=None, flag=None, metavar=None):
+def option(default, help, parse=None, flag=None, metavar=None, choices=None):
     """A config field with what the command line needs: its help, how to parse a value (int,
     float, str or a parser raising ValueError; default: the type of `default`), when it differs
-    from --field-name its flag, and its value's name in --help where it is not a count (N)."""
+    from --field-name its flag, and its value's name in --help where it is not a count (N).
+    choices: the texts it may take, which give the parser and the value's name ({a,b})."""
+    if choices:
+        parse, metavar = one_of(choices), "{" + ",".join(choices) + "}"
     return field(default=default, metadata=dict(help=help, parse=parse or type(default), flag=flag, metavar=metavar))
+
+
+def one_of(choices):
+    """A parser that takes a text in `choices` as it is."""
+    def parse(text):
+        if text not in choices:
+            raise ValueError(f"{text!r}: expected one of {', '.join(choices)}")
+        return text
+    return parse
 
 
 @dataclass(frozen=True)

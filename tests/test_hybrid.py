@@ -9,6 +9,7 @@ and no logit off by more than 1e-4 (measured 3e-5).
 """
 
 import json
+from dataclasses import fields
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 import hybrid
 from checkpoint import load_model
 from conftest import BOOKS, STORIES, Stories
-from hybrid import HybridCache, HybridConfig, layout_from_config, parse_layers, parse_pattern
+from hybrid import HybridCache, HybridConfig, layout_from_config, parse_layers
 from model import KVCache, ModelConfig, build_model
 from prefill import OptionError, Prompt, causal_prefill
 from reference import load_float64, ref_forward, rel_err
@@ -177,6 +178,7 @@ def test_config_validation_and_parsing():
             HybridConfig(**bad).validate(c)
         assert e.value.param == param
     assert parse_layers("10-19") == (10, 19) and parse_layers("7") == (7, 7)
+    parse_pattern = next(f for f in fields(HybridConfig) if f.name == "pattern").metadata["parse"]
     assert parse_pattern("block") == "block"
     for parse, text in ((parse_layers, "10:19"), (parse_layers, "-3"), (parse_pattern, "sink")):
         with pytest.raises(ValueError):
