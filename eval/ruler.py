@@ -640,38 +640,54 @@ def task_scores(rows):
 
 
 def finished_tasks(rows):
-    """{length: the tasks every method at that length has answered as many prompts of as any task
-    there}: a run stopped midway (or merged with a longer one) is averaged over those alone."""
+    """{length: {method: the tasks it has answered as many prompts of as any method has of any task
+    at that length}}: where a run stopped midway (or was merged with a longer one), the tasks it
+    has not finished are left out."""
     counts = Counter((r["length"], r["method"], r["task"]) for r in rows)
     finished = {}
     for n in dict.fromkeys(r["length"] for r in rows):
         at_n = {(m, t): c for (length, m, t), c in counts.items() if length == n}
-        methods, tasks = {m for m, _ in at_n}, dict.fromkeys(t for _, t in at_n)
         most = max(at_n.values())
-        finished[n] = [t for t in tasks if all(at_n.get((m, t)) == most for m in methods)]
+        finished[n] = {m: [t for (m2, t), c in at_n.items() if m2 == m and c == most] for m, _ in at_n}
     return finished
 
 
-def average(by_task, tasks):
-    """The RULER average: the mean of the scores of `tasks`; None if any is None or there are none."""
-    scores = [by_task.get(t) for t in tasks]
-    return None if None in scores or not scores else sum(scores) / len(scores)
+def tasks_at(scores):
+    """{length: the tasks any method has there}: the tasks its RULER average is over."""
+    lengths = sorted({n for by_length in scores.values() for n in by_length})
+    return {n: list(dict.fromkeys(t for by_length in scores.values() for t in by_length.get(n, {}))) for n in lengths}
+
+
+def average(by_task, tasks, finished):
+    """The RULER average: the mean of the scores of all `tasks` once `finished` holds every one of
+    them; None if a prompt failed or a task is unfinished (the average of a subset is not RULER's)."""
+    if set(tasks) - set(finished):
+        return None
+    scores = [by_task[t] for t in tasks]
+    return None if None in scores else sum(scores) / len(scores)
 
 
 def cell(score):
     return "–" if score is None else f"{score:.1f}"
 
 
+def average_cell(by_task, tasks, finished):
+    missing = set(tasks) - set(finished)
+    return f"{len(tasks) - len(missing)}/{len(tasks)} tasks" if missing else cell(average(by_task, tasks, finished))
+
+
 def tables(scores, finished):
-    """The markdown tables: the average over the finished tasks (methods × lengths; a length's
-    header says how many tasks where not all) and every task's (task, length × methods)."""
-    methods = list(scores)
-    lengths = sorted({n for m in methods for n in scores[m]})
-    tasks = list(dict.fromkeys(t for m in methods for n in scores[m] for t in scores[m][n]))
-    header = [length_label(n) + ("" if len(finished[n]) == len(tasks) else
-                                 f" ({len(finished[n])} of {len(tasks)} tasks)") for n in lengths]
-    averages = markdown_table(["method"] + header, [[m] + [cell(average(scores[m][n], finished[n])) if n in scores[m]
-                                                           else "" for n in lengths] for m in methods])
+    """The markdown tables: the average over a length's tasks (methods × lengths; a method that has
+    not finished them all shows how many it has, and a length run on fewer tasks than the table
+    has says so in its header) and every task's (task, length × methods)."""
+    methods, at = list(scores), tasks_at(scores)
+    lengths = list(at)
+    tasks = list(dict.fromkeys(t for n in lengths for t in at[n]))
+    header = [length_label(n) + ("" if len(at[n]) == len(tasks) else f" ({len(at[n])} of {len(tasks)} tasks)")
+              for n in lengths]
+    averages = markdown_table(["method"] + header,
+                              [[m] + [average_cell(scores[m][n], at[n], finished[n][m]) if n in scores[m] else ""
+                                      for n in lengths] for m in methods])
     per_task = markdown_table(["task", "length"] + methods,
                               [[t, length_label(n)] + [cell(scores[m].get(n, {}).get(t)) for m in methods]
                                for t in tasks for n in lengths])
@@ -679,13 +695,13 @@ def tables(scores, finished):
 
 
 def heatmap(scores, finished, method, path):
-    """Task scores (and the average over the finished tasks) per length of one method, as
-    fractions; NaN where absent."""
+    """Task scores (and the average, where the method finished every task of the length) per
+    length of one method, as fractions; NaN where absent."""
     by_length = scores[method]
     lengths = sorted(by_length)
-    tasks = list(dict.fromkeys(t for n in lengths for t in by_length[n]))
-    grid = [[by_length[n].get(t) for n in lengths] for t in tasks] + [[average(by_length[n], finished[n])
-                                                                         for n in lengths]]
+    tasks, at = list(dict.fromkeys(t for n in lengths for t in by_length[n])), tasks_at(scores)
+    grid = [[by_length[n].get(t) for n in lengths] for t in tasks]
+    grid.append([average(by_length[n], at[n], finished[n][method]) for n in lengths])
     grid = [[math.nan if v is None else v / 100 for v in row] for row in grid]
     draw_heatmap(grid, [length_label(n) for n in lengths], tasks + ["average"], "context length (tokens)", "task",
                  f"RULER, {method}", path)

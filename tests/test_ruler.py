@@ -96,18 +96,21 @@ def test_qa_tasks_score_part_the_others_all():
     assert len(ruler.TASKS) == 13 and all(spec.metric in ruler.METRICS for spec in ruler.TASKS.values())
 
 
-def test_a_stopped_run_is_averaged_over_the_tasks_every_method_finished():
+def test_a_method_that_stopped_midway_shows_how_many_tasks_it_finished_not_an_average():
     """Two methods at one length, two prompts a task; b stopped after one prompt of vt and before
-    cwe: the average is over niah_single_1 alone, and the header says so."""
+    cwe: a's cell is RULER's average over all three tasks, b's says it finished one of three (an
+    average over niah_single_1 alone would read 100, above a's)."""
     def row(method, task, score):
         return dict(method=method, task=task, length=4096, score=score)
     rows = [row(m, "niah_single_1", s) for m, s in (("a", 1.0), ("a", 0.0), ("b", 1.0), ("b", 1.0))]
-    rows += [row("a", "vt", 1.0), row("a", "vt", 1.0), row("b", "vt", 0.0), row("a", "cwe", 0.0), row("a", "cwe", 0.0)]
+    rows += [row("a", "vt", 1.0), row("a", "vt", 1.0), row("b", "vt", 0.0), row("a", "cwe", 0.0), row("a", "cwe", 1.0)]
     finished = ruler.finished_tasks(rows)
-    assert finished == {4096: ["niah_single_1"]}
-    averages, _ = ruler.tables(ruler.task_scores(rows), finished)
-    assert averages.splitlines()[0] == "| method | 4K (1 of 3 tasks) |"
-    assert averages.splitlines()[2:] == ["| a | 50.0 |", "| b | 100.0 |"]
+    assert finished == {4096: {"a": ["niah_single_1", "vt", "cwe"], "b": ["niah_single_1"]}}
+    scores = ruler.task_scores(rows)
+    averages, _ = ruler.tables(scores, finished)
+    assert averages.splitlines()[0] == "| method | 4K |"
+    assert averages.splitlines()[2:] == [f"| a | {(50 + 100 + 50) / 3:.1f} |", "| b | 1/3 tasks |"]
+    assert ruler.average(scores["b"][4096], ["niah_single_1", "vt", "cwe"], finished[4096]["b"]) is None
 
 
 # ---------------------------------------------------------------------------- building blocks
