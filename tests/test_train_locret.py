@@ -20,6 +20,7 @@ from reference import ref_forward
 
 sys.path.insert(0, str(REPO / "tools"))
 
+import train_locret  # noqa: E402
 from train_locret import ANSWER_TOKENS, HELD_OUT_BOOK, Layout, greedy, held_tokens, recall, recall_probe  # noqa: E402
 
 TOL = 1e-5
@@ -143,3 +144,26 @@ def test_training_script_prints_and_stores_the_recall(s, tmp_path):
     held = float(metadata["held_out_recall_held"])
     assert 0 <= held <= 1 and f"held by {held:.3f}" in lines[1]
     assert 0 <= float(metadata["held_out_recall_answered"]) <= 1
+
+
+def test_the_scripts_user_errors_are_one_line(tmp_path, capsys):
+    """Counts below one, a books folder without the books, a model that is not there: one line
+    and a non-zero exit, before any model loads (the folder check) or instead of a traceback."""
+    base = ["--out", str(tmp_path / "heads.safetensors"), "--device", "cpu", "--books", str(BOOKS)]
+    for flag in ("--steps", "--hidden", "--eval-samples", "--recall-samples"):
+        with pytest.raises(SystemExit) as e:
+            train_locret.parse_args(base + [flag, "0"])
+        assert e.value.code == 2 and f"{flag} must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train_locret.parse_args(base + ["--minutes", "0"])
+    assert e.value.code == 2 and "--minutes must be above 0" in capsys.readouterr().err
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "frankenstein.txt").write_text("It was on a dreary night of November.")
+    with pytest.raises(SystemExit) as e:
+        train_locret.parse_args(base + ["--books", str(tmp_path / "books")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("lacks pride_and_prejudice.txt, war_and_peace.txt")
+    with pytest.raises(SystemExit) as e:
+        train_locret.main(base + ["--model", str(tmp_path / "missing")])
+    assert str(e.value) == f"error: {tmp_path / 'missing'} is not a directory"
+    assert not (tmp_path / "heads.safetensors").exists()

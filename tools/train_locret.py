@@ -55,14 +55,14 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from budget import StepBudget  # noqa: E402  (tools/, the script's own folder)
-from checkpoint import load_model  # noqa: E402
+from checkpoint import CheckpointError, load_model  # noqa: E402
 from decoding import SamplingParams, decode  # noqa: E402
 from locret import (LOCAL_TOKENS, LocretConfig, prefill, random_heads, retain, retention_loss,  # noqa: E402
                     save_heads, scores_and_labels, tail_length, with_heads)
 from methods import HelpFormatter  # noqa: E402
 from prefill import Prompt  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
-from weights import resolve  # noqa: E402
+from tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from weights import WeightsError, resolve  # noqa: E402
 
 BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
 TRAIN_BOOKS = ("pride_and_prejudice.txt", "frankenstein.txt")
@@ -275,7 +275,16 @@ def parse_args(argv):
     p.add_argument("--recall-samples", type=int, default=8,
                    help="held-out recall probes (War and Peace passages of twice the trained window)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("steps", "hidden", "eval_samples", "recall_samples"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.minutes <= 0:
+        p.error("--minutes must be above 0")
+    missing = [name for name in (*TRAIN_BOOKS, HELD_OUT_BOOK) if not (args.books / name).is_file()]
+    if missing:
+        p.error(f"--books {args.books} lacks {', '.join(missing)}")
+    return args
 
 
 def main(argv=None):
@@ -283,9 +292,13 @@ def main(argv=None):
     log = functools.partial(print, flush=True)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    args.model = resolve(args.model, log)
-    model = load_model(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tokenizer, window = Tokenizer.from_dir(args.model), model.config.max_position_embeddings
+    try:
+        args.model = resolve(args.model, log)
+        model = load_model(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        tokenizer = Tokenizer.from_dir(args.model)
+    except (CheckpointError, TokenizerError, WeightsError) as e:
+        sys.exit(f"error: {e}")
+    window = model.config.max_position_embeddings
     layout = Layout(tokenizer)
     books = [tokenizer.encode((args.books / name).read_text(encoding="utf-8")) for name in TRAIN_BOOKS]
     held_out = tokenizer.encode((args.books / HELD_OUT_BOOK).read_text(encoding="utf-8")[:HELD_OUT_CHARS])
