@@ -112,3 +112,25 @@ def test_smoke_run_writes_a_checkpoint_the_engine_runs_hybrid(tmp_path):
     trained = engine.model.layers[0].attn.wqkv.weight
     stock = load_model(STORIES, "cpu", torch.float32).layers[0].attn.wqkv.weight
     assert 0 < rel_err(trained, stock) < 0.05  # trained a little, saved in bf16
+
+
+def test_the_scripts_user_errors_are_one_line(tmp_path, capsys):
+    """Counts below one, rates at or below 0, missing text files, a pattern the model cannot take,
+    a model that is not there: one line and a non-zero exit, nothing written."""
+    essays = tmp_path / "essays.json"
+    essays.write_text('{"text": "How to do great work."}')
+    base = ["--out", str(tmp_path / "out"), "--device", "cpu", "--books", str(BOOKS), "--essays", str(essays)]
+    for flag, value, message in (("--seq", "0", "--seq must be at least 1"), ("--lr", "0", "--lr must be above 0"),
+                                 ("--epochs", "-1", "--epochs must be above 0"),
+                                 ("--books", str(tmp_path), f"--books {tmp_path} lacks war_and_peace.txt"),
+                                 ("--essays", str(tmp_path / "none.json"), "is not a file")):
+        with pytest.raises(SystemExit) as e:
+            ft.parse_args(base + [flag, value])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        ft.main(base + ["--model", str(STORIES), "--full-layers", "3-99"])
+    assert str(e.value) == "error: --full-layers must have 0 <= first <= last < 5"
+    with pytest.raises(SystemExit) as e:
+        ft.main(base + ["--model", str(tmp_path / "missing")])
+    assert str(e.value) == f"error: {tmp_path / 'missing'} is not a directory"
+    assert not (tmp_path / "out").exists()

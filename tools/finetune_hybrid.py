@@ -48,12 +48,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from attention import attention  # noqa: E402
 from budget import StepBudget  # noqa: E402  (tools/, the script's own folder)
-from checkpoint import checkpoint_tensors, load_model, read_hf_config  # noqa: E402
+from checkpoint import CheckpointError, checkpoint_tensors, load_model, read_hf_config  # noqa: E402
+from engine import cli_message  # noqa: E402
 from hybrid import CONFIG_KEY, SparseSlots  # noqa: E402
 from methods import HelpFormatter, add_options, config_from, given_options  # noqa: E402
 from rope import rope_frequencies  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
-from weights import resolve  # noqa: E402
+from prefill import OptionError  # noqa: E402
+from tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from weights import WeightsError, resolve  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BOOKS, ESSAYS = SHARED / "books", SHARED / "essays" / "paul_graham_essays.json"
@@ -196,7 +198,18 @@ def parse_args(argv):
                    help=f"held-out long text: {HELD_OUT_BOOK}'s first tokens")
     p.add_argument("--seed", type=int, default=0)
     add_options(p, ["hybrid"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("seq", "steps", "short_tokens", "long_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("epochs", "minutes", "lr"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be above 0")
+    if not (args.books / HELD_OUT_BOOK).is_file():
+        p.error(f"--books {args.books} lacks {HELD_OUT_BOOK}")
+    if not args.essays.is_file():
+        p.error(f"--essays {args.essays} is not a file")
+    return args
 
 
 def main(argv=None):
@@ -204,11 +217,16 @@ def main(argv=None):
     log = functools.partial(print, flush=True)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    args.model = resolve(args.model, log)
-    model = load_model(args.model, device, torch.float32).requires_grad_(True)
-    config = config_from("hybrid", given_options(args))
-    config.validate(model.config)
-    tokenizer = Tokenizer.from_dir(args.model)
+    try:
+        args.model = resolve(args.model, log)
+        model = load_model(args.model, device, torch.float32).requires_grad_(True)
+        config = config_from("hybrid", given_options(args))
+        config.validate(model.config)
+        tokenizer = Tokenizer.from_dir(args.model)
+    except (CheckpointError, TokenizerError, WeightsError) as e:
+        sys.exit(f"error: {e}")
+    except OptionError as e:
+        sys.exit(f"error: {cli_message(e)}")
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     essays = json.loads(args.essays.read_text())["text"]
     books = [tokenizer.encode(f.read_text(encoding="utf-8")) for f in sorted(args.books.glob("*.txt"))
