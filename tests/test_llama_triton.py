@@ -104,13 +104,17 @@ def test_silu_mul(dtype):
     assert rel_err(kernels.silu_mul(gate_up), F.silu(gate) * up) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("B, V", [(1, 49152), (2, 128256), (3, 5), (1, 16385)])
+@pytest.mark.parametrize("B, V", [(1, 49152), (2, 128256), (1, 151936), (3, 5), (1, 16385), (2, 129)])
 def test_argmax(B, V):
-    """The first index of each row's largest value, as the CPU's argmax finds it; ties across and
-    within the kernel's blocks of 16384 go to the first."""
+    """The first index of each row's largest value, as the CPU's argmax finds it; ties within one
+    of the kernel's parts and across two neighbouring parts go to the first; a row of -inf but one."""
     x = torch.randn(B, V)
+    part = -(-V // kernels.ARGMAX_PARTS)
     x[0, [V // 3, V - 1]] = 50.0
-    x[-1, :2] = 60.0
+    x[-1, [part, part - 1] if V > part else [1, 0]] = 60.0
+    if B > 1:
+        x[B // 2] = float("-inf")
+        x[B // 2, V - 1] = -1e30
     assert torch.equal(kernels.argmax(x.cuda()).cpu(), x.argmax(-1))
 
 
