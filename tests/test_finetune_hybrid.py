@@ -121,12 +121,16 @@ def test_the_scripts_user_errors_are_one_line(tmp_path, capsys):
     essays.write_text('{"text": "How to do great work."}')
     base = ["--out", str(tmp_path / "out"), "--device", "cpu", "--books", str(BOOKS), "--essays", str(essays)]
     for flag, value, message in (("--seq", "0", "--seq must be at least 1"), ("--lr", "0", "--lr must be above 0"),
-                                 ("--epochs", "-1", "--epochs must be above 0"),
-                                 ("--books", str(tmp_path), f"--books {tmp_path} lacks war_and_peace.txt"),
-                                 ("--essays", str(tmp_path / "none.json"), "is not a file")):
+                                 ("--epochs", "-1", "--epochs must be above 0")):
         with pytest.raises(SystemExit) as e:
             ft.parse_args(base + [flag, value])
         assert e.value.code == 2 and message in capsys.readouterr().err
+    for flag, value, message in (("--books", str(tmp_path), f"--books {tmp_path} lacks war_and_peace.txt"),
+                                 ("--essays", str(tmp_path / "none.json"), f"--essays {tmp_path / 'none.json'} is "
+                                                                          "not a file")):
+        with pytest.raises(SystemExit) as e:
+            ft.main(base + [flag, value, "--model", str(tmp_path / "missing")])
+        assert str(e.value) == f"error: {message}"
     with pytest.raises(SystemExit) as e:
         ft.main(base + ["--model", str(STORIES), "--full-layers", "3-99"])
     assert str(e.value) == "error: --full-layers must have 0 <= first <= last < 5"

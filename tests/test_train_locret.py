@@ -148,7 +148,7 @@ def test_training_script_prints_and_stores_the_recall(s, tmp_path):
 
 def test_the_scripts_user_errors_are_one_line(tmp_path, capsys):
     """Counts below one, a books folder without the books, a model that is not there: one line
-    and a non-zero exit, before any model loads (the folder check) or instead of a traceback."""
+    and a non-zero exit instead of a traceback, the books checked before the model loads."""
     base = ["--out", str(tmp_path / "heads.safetensors"), "--device", "cpu", "--books", str(BOOKS)]
     for flag in ("--steps", "--hidden", "--eval-samples", "--recall-samples"):
         with pytest.raises(SystemExit) as e:
@@ -160,9 +160,8 @@ def test_the_scripts_user_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "frankenstein.txt").write_text("It was on a dreary night of November.")
     with pytest.raises(SystemExit) as e:
-        train_locret.parse_args(base + ["--books", str(tmp_path / "books")])
-    assert e.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith("lacks pride_and_prejudice.txt, war_and_peace.txt")
+        train_locret.main(base + ["--books", str(tmp_path / "books"), "--model", str(tmp_path / "missing")])
+    assert str(e.value) == f"error: --books {tmp_path / 'books'} lacks pride_and_prejudice.txt, war_and_peace.txt"
     with pytest.raises(SystemExit) as e:
         train_locret.main(base + ["--model", str(tmp_path / "missing")])
     assert str(e.value) == f"error: {tmp_path / 'missing'} is not a directory"

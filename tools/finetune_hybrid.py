@@ -205,10 +205,6 @@ def parse_args(argv):
     for name in ("epochs", "minutes", "lr"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be above 0")
-    if not (args.books / HELD_OUT_BOOK).is_file():
-        p.error(f"--books {args.books} lacks {HELD_OUT_BOOK}")
-    if not args.essays.is_file():
-        p.error(f"--essays {args.essays} is not a file")
     return args
 
 
@@ -217,6 +213,10 @@ def main(argv=None):
     log = functools.partial(print, flush=True)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not (args.books / HELD_OUT_BOOK).is_file():
+        sys.exit(f"error: --books {args.books} lacks {HELD_OUT_BOOK}")
+    if not args.essays.is_file():
+        sys.exit(f"error: --essays {args.essays} is not a file")
     try:
         args.model = resolve(args.model, log)
         model = load_model(args.model, device, torch.float32).requires_grad_(True)

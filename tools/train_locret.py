@@ -281,9 +281,6 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.minutes <= 0:
         p.error("--minutes must be above 0")
-    missing = [name for name in (*TRAIN_BOOKS, HELD_OUT_BOOK) if not (args.books / name).is_file()]
-    if missing:
-        p.error(f"--books {args.books} lacks {', '.join(missing)}")
     return args
 
 
@@ -292,6 +289,9 @@ def main(argv=None):
     log = functools.partial(print, flush=True)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    missing = [name for name in (*TRAIN_BOOKS, HELD_OUT_BOOK) if not (args.books / name).is_file()]
+    if missing:
+        sys.exit(f"error: --books {args.books} lacks {', '.join(missing)}")
     try:
         args.model = resolve(args.model, log)
         model = load_model(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
