@@ -7,8 +7,8 @@ and RoPE in the q/k/v projection, RMSNorm and SiLU·up in gate/up, the residual 
 down projections) and split-KV attention that also stores the new K/V, with its merge. On Hopper
 they launch as programmatic dependents (dependent_launch): each starts while the one before runs
 and reads its weights or cached keys before it waits, so the ~2 µs gaps between them shrink. The
-greedy token comes from one argmax kernel. Prefill uses the others (RMSNorm with the residual add,
-rotary, SiLU·up) around cuBLAS's GEMMs.
+greedy token comes from a split argmax (a part of the row a program, then their merge). Prefill
+uses the others (RMSNorm with the residual add, rotary, SiLU·up) around cuBLAS's GEMMs.
 model.py uses them for CUDA tensors when Triton imports and falls back to its own PyTorch code
 otherwise; tests/test_llama_triton.py checks each against that code on a GPU. The module's name is one
 no PyPI package uses, and model.py checks KERNELS_FOR before it trusts a module of that name.
