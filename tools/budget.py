@@ -1,4 +1,5 @@
-"""The steps of a training run that must fit a time budget (the GPU machine is lent by the minute)."""
+"""The steps of a training run that must fit a time budget (the GPU machine is lent by the minute),
+and the checks of the training scripts' numeric options."""
 
 import time
 
@@ -38,3 +39,14 @@ class StepBudget:
 
     def elapsed(self):
         return time.monotonic() - self.begin
+
+
+def check_options(p, args, counts=(), amounts=()):
+    """p.error (one line, exit 2) for the first of args' `counts` below 1 or `amounts` at or below 0,
+    named by its flag."""
+    for name in counts:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in amounts:
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be above 0")

@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from attention import attention  # noqa: E402
-from budget import StepBudget  # noqa: E402  (tools/, the script's own folder)
+from budget import StepBudget, check_options  # noqa: E402  (tools/, the script's own folder)
 from checkpoint import CheckpointError, checkpoint_tensors, load_model, read_hf_config  # noqa: E402
 from engine import cli_message  # noqa: E402
 from hybrid import CONFIG_KEY, SparseSlots  # noqa: E402
@@ -199,12 +199,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     add_options(p, ["hybrid"])
     args = p.parse_args(argv)
-    for name in ("seq", "steps", "short_tokens", "long_tokens"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("epochs", "minutes", "lr"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be above 0")
+    check_options(p, args, counts=("seq", "steps", "short_tokens", "long_tokens"), amounts=("epochs", "minutes", "lr"))
     return args
 
 

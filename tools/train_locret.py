@@ -54,7 +54,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from budget import StepBudget  # noqa: E402  (tools/, the script's own folder)
+from budget import StepBudget, check_options  # noqa: E402  (tools/, the script's own folder)
 from checkpoint import CheckpointError, load_model  # noqa: E402
 from decoding import SamplingParams, decode  # noqa: E402
 from locret import (LOCAL_TOKENS, LocretConfig, prefill, random_heads, retain, retention_loss,  # noqa: E402
@@ -276,11 +276,7 @@ def parse_args(argv):
                    help="held-out recall probes (War and Peace passages of twice the trained window)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name in ("steps", "hidden", "eval_samples", "recall_samples"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.minutes <= 0:
-        p.error("--minutes must be above 0")
+    check_options(p, args, counts=("steps", "hidden", "eval_samples", "recall_samples"), amounts=("minutes",))
     return args
 
 
