@@ -694,12 +694,12 @@ def tables(scores, finished):
     return averages, per_task
 
 
-def heatmap(scores, finished, method, path):
-    """Task scores (and the average, where the method finished every task of the length) per
-    length of one method, as fractions; NaN where absent."""
+def heatmap(scores, finished, at, method, path):
+    """Task scores (and the average over at[length], where the method finished every task of the
+    length) per length of one method, as fractions; NaN where absent."""
     by_length = scores[method]
     lengths = sorted(by_length)
-    tasks, at = list(dict.fromkeys(t for n in lengths for t in by_length[n])), tasks_at(scores)
+    tasks = list(dict.fromkeys(t for n in lengths for t in by_length[n]))
     grid = [[by_length[n].get(t) for n in lengths] for t in tasks]
     grid.append([average(by_length[n], at[n], finished[n][method]) for n in lengths])
     grid = [[math.nan if v is None else v / 100 for v in row] for row in grid]
@@ -711,8 +711,9 @@ def report(rows, prefix, **extra):
     """PREFIX.json complete, a heatmap per method, the tables printed."""
     scores, finished = task_scores(rows), finished_tasks(rows)
     rows.finish(scores=scores, **extra)
+    at = tasks_at(scores)
     for method in scores:
-        heatmap(scores, finished, method, output_path(prefix, f"_{file_label(method)}.png"))
+        heatmap(scores, finished, at, method, output_path(prefix, f"_{file_label(method)}.png"))
     averages, per_task = tables(scores, finished)
     print(f"RULER average\n\n{averages}\n\nper task\n\n{per_task}")
 
