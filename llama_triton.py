@@ -73,6 +73,27 @@ def rms_norm(x, weight, eps, delta=None):
 
 
 @triton.jit
+def _rope(positions_ptr, inv_freq_ptr, cos_ptr, sin_ptr, scale, HALF: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, HALF)
+    angle = tl.load(positions_ptr + t).to(tl.float64) * tl.load(inv_freq_ptr + i)
+    tl.store(cos_ptr + t * HALF + i, (tl.cos(angle) * scale).to(tl.float32))
+    tl.store(sin_ptr + t * HALF + i, (tl.sin(angle) * scale).to(tl.float32))
+
+
+def rope(positions, inv_freq, scale):
+    """cos, sin (B, 1, T, D/2) float32 of the angles positions (B, T) × inv_freq (D/2,) float64,
+    formed and turned in float64 and scaled by `scale` (YaRN's temperature, rounded to float32):
+    one kernel where PyTorch needs eight, each decode step."""
+    B, T = positions.shape
+    half = inv_freq.shape[0]
+    cos = torch.empty(B, 1, T, half, device=positions.device, dtype=torch.float32)
+    sin = torch.empty_like(cos)
+    _rope[(B * T,)](positions.contiguous(), inv_freq, cos, sin, scale, HALF=half)
+    return cos, sin
+
+
+@triton.jit
 def _rotary(qkv_ptr, cos_ptr, sin_ptr, out_ptr, qkv_stride, heads, HALF: tl.constexpr):
     row, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
     i = tl.arange(0, HALF)

@@ -217,11 +217,12 @@ class Llama(nn.Module):
         takes them from here. The angles are formed in float64 (rope_frequencies says why), and
         YaRN's temperature scales both unless temperature=False, for keys that already carry it
         and are only turned by a relative angle (baselines.shift_back)."""
-        inv_freq = self.inv_freq
-        if self.config.rope_type == "dynamic":
-            inv_freq = dynamic_ntk_frequencies(self.config, inv_freq, positions)
-        angles = positions[:, None, :, None].double() * inv_freq  # (B, 1, T, D/2)
         scale = self.rope_temperature if temperature else 1.0
+        dynamic = self.config.rope_type == "dynamic"
+        if not dynamic and kernels is not None and positions.is_cuda and kernels.supports(self.config.head_dim):
+            return kernels.rope(positions, self.inv_freq, scale)  # the lines below in one kernel
+        inv_freq = dynamic_ntk_frequencies(self.config, self.inv_freq, positions) if dynamic else self.inv_freq
+        angles = positions[:, None, :, None].double() * inv_freq  # (B, 1, T, D/2)
         return (angles.cos() * scale).float(), (angles.sin() * scale).float()
 
     def with_rope_scaling(self, rope_scaling, max_position_embeddings):

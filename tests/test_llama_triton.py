@@ -48,6 +48,20 @@ def test_rotary(dtype, B, T, H, Hkv, D):
     assert rel_err(q, q_ref) <= TOL[dtype] and rel_err(k, k_ref) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("B, T, D", [(1, 1, 128), (2, 7, 64), (1, 300, 16)])
+@pytest.mark.parametrize("scale", [1.0, 1.1386])
+def test_rope(B, T, D, scale):
+    """cos/sin against float64 angles turned in float64, at positions to 5e5 (where float32 angles
+    drift by 0.03 rad): within float32's rounding, the scale's own rounding to float32 included."""
+    positions = torch.randint(0, 500_000, (B, T), device="cuda")
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, D, 2, dtype=torch.float64, device="cuda") / D)
+    cos, sin = kernels.rope(positions, inv_freq, scale)
+    angles = positions[:, None, :, None].double() * inv_freq
+    assert cos.shape == sin.shape == (B, 1, T, D // 2) and cos.dtype == torch.float32
+    assert (cos.double() - angles.cos() * scale).abs().max() <= 2e-7
+    assert (sin.double() - angles.sin() * scale).abs().max() <= 2e-7
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H, Hkv, D, dim, bias", [(32, 8, 128, 4096, False), (9, 3, 64, 576, True),
                                                   (4, 2, 16, 1000, True), (12, 2, 128, 1536, True)])
