@@ -139,7 +139,7 @@ def garbled_header(data):
 
 
 CHECKPOINT_ERRORS = {
-    "missing": (lambda tmp: tmp / "nowhere", r"nowhere is not a directory"),
+    "missing": (lambda tmp: tmp / "nowhere", r"nowhere is neither a checkpoint directory nor an embedded model \(smollm2, qwen2.5-1.5b\)$"),
     "no config.json": (lambda tmp: checkpoint(tmp, drop=["config.json"]),
                        r"model/config.json not found: a checkpoint directory needs config.json"),
     "no weights": (lambda tmp: checkpoint(tmp, drop=["model.safetensors"]), r"model: no model.safetensors"),

@@ -164,5 +164,6 @@ def test_the_scripts_user_errors_are_one_line(tmp_path, capsys):
     assert str(e.value) == f"error: --books {tmp_path / 'books'} lacks pride_and_prejudice.txt, war_and_peace.txt"
     with pytest.raises(SystemExit) as e:
         train_locret.main(base + ["--model", str(tmp_path / "missing")])
-    assert str(e.value) == f"error: {tmp_path / 'missing'} is not a directory"
+    assert str(e.value) == (f"error: {tmp_path / 'missing'} is neither a checkpoint directory nor an embedded model "
+                            "(smollm2, qwen2.5-1.5b)")
     assert not (tmp_path / "heads.safetensors").exists()

