@@ -91,7 +91,8 @@ def model_config(hf, path):
         if hf.get("hidden_act", "silu") != "silu" or entry(hf, "mlp_bias", bool, False):
             raise CheckpointError(f"{path}: only the SwiGLU MLP (hidden_act silu, no mlp_bias) is supported")
         dim, n_heads = entry(hf, "hidden_size", int), entry(hf, "num_attention_heads", int)
-        bias = entry(hf, "attention_bias", bool, arch == "Qwen2ForCausalLM")
+        # transformers' Qwen2 has q/k/v biases whatever attention_bias says (its config has no such key)
+        bias = arch == "Qwen2ForCausalLM" or entry(hf, "attention_bias", bool, False)
         config = ModelConfig(
             vocab_size=entry(hf, "vocab_size", int),
             dim=dim,

@@ -125,6 +125,16 @@ def test_llama_attention_bias_needs_o_proj_bias(tmp_path):
     assert "o_proj.bias" in load_error(write_checkpoint(tmp_path / "c", qwen2, w))  # unexpected there
 
 
+def test_qwen2_has_qkv_biases_whatever_attention_bias_says(tmp_path):
+    """transformers' Qwen2Attention builds q/k/v with bias=True and never reads attention_bias;
+    before, a Qwen2 config.json with "attention_bias": false refused the biases as unexpected."""
+    config = {**CONFIG, "architectures": ["Qwen2ForCausalLM"], "attention_bias": False}
+    w = random_tensors(config, 0)
+    model = load_model(write_checkpoint(tmp_path, config, w), "cpu", torch.float32)
+    expected = torch.cat([w[f"model.layers.1.self_attn.{x}_proj.bias"] for x in "qkv"])
+    assert torch.equal(model.layers[1].attn.wqkv.bias, expected) and model.layers[1].attn.wo.bias is None
+
+
 def test_many_missing_tensors_are_summarised(tmp_path):
     w = {k: v for k, v in random_tensors(CONFIG, 0).items() if not k.startswith("model.layers.")}
     message = load_error(write_checkpoint(tmp_path, CONFIG, w))
