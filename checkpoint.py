@@ -93,6 +93,7 @@ def model_config(hf, path):
         dim, n_heads = entry(hf, "hidden_size", int), entry(hf, "num_attention_heads", int)
         # transformers' Qwen2 has q/k/v biases whatever attention_bias says (its config has no such key)
         bias = arch == "Qwen2ForCausalLM" or entry(hf, "attention_bias", bool, False)
+        theta, scaling, rope_key = rope_entries(hf)
         config = ModelConfig(
             vocab_size=entry(hf, "vocab_size", int),
             dim=dim,
@@ -102,8 +103,8 @@ def model_config(hf, path):
             head_dim=head_dim(hf, dim, n_heads),
             ffn_dim=entry(hf, "intermediate_size", int),
             norm_eps=entry(hf, "rms_norm_eps", float, 1e-6),
-            rope_theta=entry(hf, "rope_theta", float, 10000.0),
-            rope_scaling=hf.get("rope_scaling"),
+            rope_theta=theta,
+            rope_scaling=scaling,
             max_position_embeddings=entry(hf, "max_position_embeddings", int, 2048),
             tie_word_embeddings=entry(hf, "tie_word_embeddings", bool, False),
             attention_bias=bias,
@@ -113,32 +114,47 @@ def model_config(hf, path):
         raise CheckpointError(f"{path}: missing key {e.args[0]}")
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}")
-    check_config(config, path)
+    check_config(config, path, rope_key)
     return config
 
 
-def check_config(c, path):
-    """What entry() cannot check alone: the sizes that must agree, and RoPE's scaling."""
+def rope_entries(hf):
+    """(rope_theta, rope_scaling, the key that gave the scaling) of config.json: transformers 5
+    writes both into rope_parameters (rope_type "default": none), transformers 4 as rope_theta
+    and rope_scaling. Reading only the latter would take a 5.x Llama-3's base of 500,000 for 10,000."""
+    params = hf.get("rope_parameters")
+    if params is None:
+        return entry(hf, "rope_theta", float, 10000.0), hf.get("rope_scaling"), "rope_scaling"
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise ValueError("rope_parameters must be one object of numbers (not one per layer type)")
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    default = scaling.get("rope_type", scaling.get("type", "default")) == "default"
+    return entry(params, "rope_theta", float, 10000.0), None if default else scaling, "rope_parameters"
+
+
+def check_config(c, path, rope_key):
+    """What entry() cannot check alone: the sizes that must agree, and RoPE's scaling (read from
+    config.json's `rope_key`)."""
     if c.n_heads % c.n_kv_heads:
         raise CheckpointError(f"{path}: num_attention_heads ({c.n_heads}) must be a multiple of "
                               f"num_key_value_heads ({c.n_kv_heads})")
     if c.rope_scaling is not None and not isinstance(c.rope_scaling, dict):
-        raise CheckpointError(f"{path}: rope_scaling must be an object or null")
+        raise CheckpointError(f"{path}: {rope_key} must be an object or null")
     if c.rope_type not in ROPE_KEYS:
-        raise CheckpointError(f"{path}: rope_scaling type {c.rope_type!r} is not "
+        raise CheckpointError(f"{path}: {rope_key} type {c.rope_type!r} is not "
                               f"supported (supported: {', '.join(ROPE_KEYS)})")
     missing = [k for k in ROPE_KEYS[c.rope_type] if not isinstance(c.rope_scaling.get(k), (int, float))]
     if missing:
-        raise CheckpointError(f"{path}: rope_scaling of type {c.rope_type} needs a number for "
+        raise CheckpointError(f"{path}: {rope_key} of type {c.rope_type} needs a number for "
                               f"{', '.join(missing)}")
     bad = [k for k in OPTIONAL_ROPE_KEYS.get(c.rope_type, ())
            if c.rope_scaling.get(k) is not None and not isinstance(c.rope_scaling[k], (int, float))]
     if bad:
-        raise CheckpointError(f"{path}: rope_scaling of type {c.rope_type}: {', '.join(bad)} must be a number "
+        raise CheckpointError(f"{path}: {rope_key} of type {c.rope_type}: {', '.join(bad)} must be a number "
                               "or null")
     yarn = c.rope_scaling if c.rope_type == "yarn" else {}
     if yarn and (yarn["factor"] < 1 or not isinstance(yarn.get("truncate", True), bool)):
-        raise CheckpointError(f"{path}: rope_scaling of type yarn needs a factor of at least 1 and truncate "
+        raise CheckpointError(f"{path}: {rope_key} of type yarn needs a factor of at least 1 and truncate "
                               "true or false")
 
 

@@ -125,6 +125,12 @@ def test_llama_attention_bias_needs_o_proj_bias(tmp_path):
     assert "o_proj.bias" in load_error(write_checkpoint(tmp_path / "c", qwen2, w))  # unexpected there
 
 
+def test_rope_parameters_per_layer_type_are_one_clear_error(tmp_path):
+    config = {**CONFIG, "rope_parameters": {"full_attention": {"rope_theta": 1e6, "rope_type": "default"}}}
+    message = load_error(write_checkpoint(tmp_path, config, random_tensors(CONFIG, 0)))
+    assert message.endswith("rope_parameters must be one object of numbers (not one per layer type)")
+
+
 def test_qwen2_has_qkv_biases_whatever_attention_bias_says(tmp_path):
     """transformers' Qwen2Attention builds q/k/v with bias=True and never reads attention_bias;
     before, a Qwen2 config.json with "attention_bias": false refused the biases as unexpected."""

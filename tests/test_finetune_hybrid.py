@@ -94,6 +94,25 @@ def test_packing_puts_a_bos_before_each_book():
     assert any(s[i:i + len(joined)] == joined for s in streams for i in range(len(s)))
 
 
+def test_the_new_rope_theta_goes_where_the_source_config_keeps_it(tmp_path):
+    """transformers 5 keeps rope_theta inside rope_parameters, where the loader reads it first: a
+    top-level rope_theta beside it would be ignored and the fine-tuned base lost."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for file in STORIES.iterdir():
+        source.joinpath(file.name).write_bytes(file.read_bytes())
+    hf = json.loads((STORIES / "config.json").read_text())
+    hf["rope_parameters"] = {"rope_theta": hf.pop("rope_theta", 10000.0), "rope_type": "default"}
+    hf.pop("rope_scaling", None)
+    (source / "config.json").write_text(json.dumps(hf))
+    model = load_model(source, "cpu", torch.float32)
+    ft.set_rope_theta(model, 20000.0)
+    ft.save_checkpoint(model, source, tmp_path / "out", HybridConfig(), 256)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "rope_theta" not in written and written["rope_parameters"]["rope_theta"] == 20000.0
+    assert load_model(tmp_path / "out", "cpu", torch.float32).config.rope_theta == 20000.0
+
+
 def test_smoke_run_writes_a_checkpoint_the_engine_runs_hybrid(tmp_path):
     essays, out = shared("data/essays/paul_graham_essays.json"), tmp_path / "hybrid"
     run = subprocess.run([sys.executable, str(REPO / "tools" / "finetune_hybrid.py"), "--device", "cpu",

@@ -8,6 +8,7 @@ Every model under test is built by writing a safetensors checkpoint with HF name
 Tolerance: relative error ||a - b|| / ||b|| of the float32 logits <= 1e-5 (measured: 4e-7 to 2e-6).
 """
 
+import copy
 import json
 import math
 import os
@@ -285,7 +286,8 @@ def test_yarn_rope_against_the_float64_formula(scaling, tmp_path):
 def transformers_config(cfg):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed "
                                                               "(pip install -r requirements-dev.txt)")
-    return getattr(transformers, cfg["architectures"][0].replace("ForCausalLM", "Config"))(**cfg)
+    # a copy: transformers 5 writes rope_theta and rope_type into the rope_scaling dict it is given
+    return getattr(transformers, cfg["architectures"][0].replace("ForCausalLM", "Config"))(**copy.deepcopy(cfg))
 
 
 @pytest.mark.parametrize("scaling", [YARN, YARN_OPTIONS, {**YARN, "attention_factor": 1.5, "beta_fast": 8}])
@@ -315,6 +317,21 @@ def test_yarn_model_against_transformers(name, tmp_path_factory):
         with torch.inference_mode():
             theirs = hf(tokens, position_ids=positions).logits[0]
         assert rel_err(prefill_logits(case.model, case.tokens, positions[0].tolist()), theirs) <= REL_TOL
+
+
+@pytest.mark.parametrize("name", ["gqa_untied", "llama3", "qwen2_yarn", "yarn_options"])
+def test_a_config_json_written_by_transformers_5(name, tmp_path):
+    """transformers 5 writes rope_theta and the scaling into rope_parameters: the model must be
+    the one the transformers 4 keys describe, which the reference forward reads, with a base of
+    500,000 (before, a default 10,000 and no scaling were taken silently)."""
+    cfg = {**CONFIGS[name][0], "rope_theta": 500000.0}
+    written = transformers_config(cfg).to_dict()  # skips where transformers is not installed
+    assert "rope_parameters" in written and "rope_theta" not in written and "rope_scaling" not in written
+    tensors = random_tensors(cfg, 0)
+    model = load_model(write_checkpoint(tmp_path, written, tensors), "cpu", torch.float32)
+    tokens, positions = list(range(1, 21)), list(range(300, 320))
+    ref = ref_forward({k: v.double() for k, v in tensors.items()}, cfg, tokens, positions)
+    assert rel_err(prefill_logits(model, tokens, positions), ref) <= REL_TOL
 
 
 def test_with_rope_scaling_is_a_view_sharing_every_weight(tmp_path):

@@ -169,8 +169,10 @@ def save_checkpoint(model, source, out, config, seq):
     hf = read_hf_config(source)
     full = config.full_range(model.config.n_layers)
     pattern = {f.name: getattr(config, f.name) for f in fields(config)} | {"full_layers": [full.start, full.stop - 1]}
-    hf.update(rope_theta=model.config.rope_theta, torch_dtype="bfloat16", **{CONFIG_KEY: pattern},
+    hf.update(torch_dtype="bfloat16", **{CONFIG_KEY: pattern},
               max_position_embeddings=max(model.config.max_position_embeddings, seq))
+    rope = hf["rope_parameters"] if "rope_parameters" in hf else hf  # where transformers 5 / 4 keep it
+    rope["rope_theta"] = model.config.rope_theta
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     for file in source.iterdir():
         if file.is_file() and file.name not in WEIGHT_FILES and not file.name.endswith(".safetensors"):
