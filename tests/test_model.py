@@ -334,6 +334,25 @@ def test_a_config_json_written_by_transformers_5(name, tmp_path):
     assert rel_err(prefill_logits(model, tokens, positions), ref) <= REL_TOL
 
 
+@pytest.mark.parametrize("name", ["llama3", "qwen2_qkv_bias_mha_tied"])
+def test_a_checkpoint_saved_by_transformers(name, tmp_path):
+    """transformers' own model written by its save_pretrained (config.json, tensor names and
+    dtype as that version writes them) gives its logits at positions 300..319."""
+    config = transformers_config({**CONFIGS[name][0], "rope_theta": 500000.0})
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # its own init is near zero (and biases zero): logits would be nearly flat
+            p.normal_(0, 0.3)
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path, "cpu", torch.float32)
+    tokens, positions = list(range(1, 21)), list(range(300, 320))
+    with torch.inference_mode():
+        theirs = hf(torch.tensor([tokens]), position_ids=torch.tensor([positions])).logits[0]
+    assert theirs.std() > 0.3 and rel_err(prefill_logits(model, tokens, positions), theirs) <= REL_TOL
+
+
 def test_with_rope_scaling_is_a_view_sharing_every_weight(tmp_path):
     """A YaRN view of a checkpoint without scaling: the same parameters (no copy), its own config,
     frequencies and temperature, the original untouched; its logits are the float64 forward's with
