@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from model import ModelConfig, build_model
+from model import ModelConfig, build_model, scaling_type
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 # rope_scaling type -> the numbers it needs, and those it may give (a number or null)
@@ -128,7 +128,7 @@ def rope_entries(hf):
     if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
         raise ValueError("rope_parameters must be one object of numbers (not one per layer type)")
     scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    default = scaling.get("rope_type", scaling.get("type", "default")) == "default"
+    default = scaling_type(scaling) == "default"
     return entry(params, "rope_theta", float, 10000.0), None if default else scaling, "rope_parameters"
 
 

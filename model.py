@@ -46,8 +46,13 @@ class ModelConfig:
 
     @property
     def rope_type(self):
-        s = self.rope_scaling or {}
-        return s.get("rope_type", s.get("type", "default"))
+        return scaling_type(self.rope_scaling)
+
+
+def scaling_type(rope_scaling):
+    """The type of a Hugging Face RoPE scaling dict (None: "default"); older files call it "type"."""
+    s = rope_scaling or {}
+    return s.get("rope_type", s.get("type", "default"))
 
 
 class KVCache:

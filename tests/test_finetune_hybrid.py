@@ -10,6 +10,7 @@ error of each float32 gradient against float64 <= 1e-4 (measured 1e-6 to 7e-6).
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 
@@ -97,10 +98,7 @@ def test_packing_puts_a_bos_before_each_book():
 def test_the_new_rope_theta_goes_where_the_source_config_keeps_it(tmp_path):
     """transformers 5 keeps rope_theta inside rope_parameters, where the loader reads it first: a
     top-level rope_theta beside it would be ignored and the fine-tuned base lost."""
-    source = tmp_path / "source"
-    source.mkdir()
-    for file in STORIES.iterdir():
-        source.joinpath(file.name).write_bytes(file.read_bytes())
+    source = shutil.copytree(STORIES, tmp_path / "source")
     hf = json.loads((STORIES / "config.json").read_text())
     hf["rope_parameters"] = {"rope_theta": hf.pop("rope_theta", 10000.0), "rope_type": "default"}
     hf.pop("rope_scaling", None)
